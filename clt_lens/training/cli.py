@@ -1,0 +1,47 @@
+"""``clt-lens train CONFIG.yaml [--key value ...] [--resume DIR]``.
+
+Under torchrun (``torchrun --nproc_per_node N -m clt_lens train CONFIG --distributed feature``)
+every rank runs this same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clt_lens.config import load_config
+from clt_lens.training.config import TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(name: str | None) -> Path | None:
+    """A YAML path, or the name of a packaged config (e.g. ``demo``, ``gpt2-small``)."""
+    if name is None:
+        return None
+    p = Path(name)
+    if p.exists():
+        return p
+    packaged = CONFIG_DIR / f"{name}.yaml"
+    if packaged.exists():
+        return packaged
+    choices = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"config {name!r} is neither a file nor a packaged config {choices}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file or packaged config name (demo, ...)")
+    p.add_argument("--resume", help="run or checkpoint directory to continue from")
+    p.epilog = "Any TrainConfig field can be overridden with --field value."
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from clt_lens.training.runner import CLTTrainingRunner
+
+    cfg = load_config(TrainConfig, resolve_config_path(args.config), extra)
+    runner = CLTTrainingRunner(cfg, resume=args.resume)
+    runner.run()
+    if runner.trainer.par.is_main:
+        print(f"final checkpoint: {Path(cfg.out_dir) / 'final'}")
+    runner.trainer.par.shutdown()
+    return 0

@@ -1,0 +1,198 @@
+"""Process layout for training: single process, data parallel, feature sharded, or both.
+
+Ranks form a 2-D grid ``data_size x feature_size`` (rank = data_rank * feature_size +
+feature_rank). Ranks in one *feature group* share a batch and each hold a slice of the F
+features of every layer; their partial reconstructions are summed by one all-reduce per step.
+Ranks in one *data group* hold the same feature slice and read different data; their
+gradients are averaged. With both sizes 1 every collective is a no-op, so the trainer runs the
+same code in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Parameters split along the feature axis, with that axis. Everything else is replicated.
+_SHARDED = {"W_enc": 2, "b_enc": 1, "log_threshold": 1}
+_DEC = re.compile(r"^W_dec\.(\d+)$")
+
+
+def feature_dim(name: str) -> int | None:
+    """Feature axis of a CLT parameter/buffer name, or None if it is replicated."""
+    if name in _SHARDED:
+        return _SHARDED[name]
+    if _DEC.match(name):
+        return 0
+    return None
+
+
+class _SumPartials(torch.autograd.Function):
+    """All-reduce (sum) in forward; identity in backward.
+
+    Every rank of a feature group computes the same loss from the summed reconstruction, so
+    d loss / d partial_r equals d loss / d sum on each rank: no reduction of the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: Any) -> torch.Tensor:
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+@dataclass
+class Parallel:
+    data_size: int = 1
+    feature_size: int = 1
+    data_rank: int = 0
+    feature_rank: int = 0
+    data_group: Any = None
+    feature_group: Any = None
+    backend: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.data_size * self.feature_size
+
+    @property
+    def rank(self) -> int:
+        return self.data_rank * self.feature_size + self.feature_rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    # ---- setup -------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, mode: str, feature_parallel_size: int, device: str) -> Parallel:
+        """Join the process group torchrun set up (env://); single process if there is none."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if mode == "none" or world == 1:
+            if mode != "none" and world == 1:
+                pass  # a distributed config run in one process: same maths, no collectives
+            return cls()
+        if not dist.is_initialized():
+            backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+            dist.init_process_group(backend=backend)
+        rank = dist.get_rank()
+        if mode == "ddp":
+            fsize = 1
+        elif mode == "feature":
+            fsize = world
+        else:  # 2d
+            fsize = feature_parallel_size
+        if world % fsize:
+            raise ValueError(
+                f"distributed=2d: world size {world} is not divisible by "
+                f"feature_parallel_size {fsize}"
+            )
+        dsize = world // fsize
+        p = cls(
+            data_size=dsize,
+            feature_size=fsize,
+            data_rank=rank // fsize,
+            feature_rank=rank % fsize,
+            backend=dist.get_backend(),
+        )
+        # new_group must be called by every rank for every group, in the same order.
+        for d in range(dsize):
+            g = dist.new_group([d * fsize + f for f in range(fsize)])
+            if d == p.data_rank:
+                p.feature_group = g
+        for f in range(fsize):
+            g = dist.new_group([d * fsize + f for d in range(dsize)])
+            if f == p.feature_rank:
+                p.data_group = g
+        return p
+
+    def device_for(self, device: str) -> str:
+        """cuda -> this process's GPU (LOCAL_RANK), so nothing assumes cuda:{global rank}."""
+        if (
+            torch.device(device).type == "cuda"
+            and self.active
+            and torch.device(device).index is None
+        ):
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        return device
+
+    # ---- collectives ---------------------------------------------------------------------
+    def reduce_partials(self, t: torch.Tensor) -> torch.Tensor:
+        if self.feature_size == 1:
+            return t
+        return _SumPartials.apply(t, self.feature_group)
+
+    def sum_features(self, t: torch.Tensor) -> torch.Tensor:
+        if self.feature_size > 1:
+            dist.all_reduce(t, group=self.feature_group)
+        return t
+
+    def sum_data(self, t: torch.Tensor) -> torch.Tensor:
+        if self.data_size > 1:
+            dist.all_reduce(t, group=self.data_group)
+        return t
+
+    def max_data(self, t: torch.Tensor) -> torch.Tensor:
+        if self.data_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.data_group)
+        return t
+
+    def sum_all(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(t)
+        return t
+
+    def average_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Mean of gradients over the data group (one flat all-reduce)."""
+        if self.data_size == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.data_group)
+        flat /= self.data_size
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g))
+            offset += n
+
+    def shard_slice(self, n: int) -> slice:
+        """This rank's slice of n features (n must divide evenly; checked at setup)."""
+        per = n // self.feature_size
+        return slice(self.feature_rank * per, (self.feature_rank + 1) * per)
+
+    def gather_features(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Concatenate the feature shards of ``t`` along ``dim`` (result on every rank)."""
+        if self.feature_size == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.feature_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.feature_group)
+        return torch.cat(parts, dim=dim)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def shutdown(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,612 @@
+"""The training loop: one code path for one process, data parallel and feature sharded runs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from clt_lens.config import ConfigError
+from clt_lens.training import checkpoint as ckpt_io
+from clt_lens.training.config import STRUCTURAL_KEYS, TrainConfig
+from clt_lens.training.metrics import PLOT_FILE, MetricsLog, plot_training_curves
+from clt_lens.training.parallel import Parallel, feature_dim
+from clt_lens.training.schedules import lr_factor, sparsity_coeff
+from clt_lens.training.sources import SourceInfo, make_source
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+def build_clt(cfg: TrainConfig, info: SourceInfo, d_sae: int | None = None, device: str = "cpu"):
+    """A fresh CrossLayerTranscoder for the activations described by ``info``."""
+    from clt_lens.clt import CLTConfig, CrossLayerTranscoder
+
+    clt_cfg = CLTConfig.from_training(cfg, info, d_sae=d_sae or cfg.d_sae, device=device)
+    return CrossLayerTranscoder(clt_cfg)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Trains a CLT. ``Trainer(cfg).train()`` returns the trained (full, unsharded) CLT.
+
+    ``source`` / ``heldout`` may be injected (tests, notebooks); otherwise they are built
+    from the config (a cache directory, or the model streamed on the fly).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        model: Any = None,
+        source: Any = None,
+        heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
+        resume: str | Path | None = None,
+        parallel: Parallel | None = None,
+    ) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.par = parallel or Parallel.from_env(
+            cfg.distributed, cfg.feature_parallel_size, cfg.device
+        )
+        self.device = self.par.device_for(cfg.device)
+        self.run_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self._model = model
+        self.resume_from: Path | None = None
+        self._resume_state: tuple[dict, dict, dict] | None = None
+        if resume is not None:  # check compatibility before any expensive work
+            self.resume_from = ckpt_io.resolve_checkpoint(resume)
+            self._resume_state = ckpt_io.read_checkpoint(self.resume_from)
+            self._check_resume_config(self._resume_state[2])
+        if cfg.d_sae % self.par.feature_size:
+            raise ConfigError(
+                f"d_sae={cfg.d_sae} does not split evenly over {self.par.feature_size} feature "
+                f"ranks; choose a multiple of {self.par.feature_size}"
+            )
+        if cfg.micro_batch_size % self.par.data_size:
+            raise ConfigError(
+                f"batch_size/grad_accum={cfg.micro_batch_size} does not split evenly over "
+                f"{self.par.data_size} data-parallel ranks"
+            )
+        if self.par.feature_size > 1 and cfg.activation in ("topk", "batchtopk"):
+            raise ConfigError(
+                f"activation={cfg.activation} needs a global top-k and is not supported with "
+                "feature sharding yet; use jumprelu/relu or distributed=ddp"
+            )
+        self.rank_batch = cfg.micro_batch_size // self.par.data_size
+        self.source = (
+            source
+            if source is not None
+            else make_source(
+                cfg,
+                self.rank_batch,
+                model=self._get_model_if_streaming(),
+                rank=self.par.data_rank,
+                world_size=self.par.data_size,
+            )
+        )
+        self.info: SourceInfo = self.source.info
+        self._check_source()
+        self.heldout = heldout
+        self.log = MetricsLog(
+            self.run_dir,
+            use_wandb=cfg.wandb,
+            wandb_project=cfg.wandb_project,
+            wandb_config=asdict(cfg),
+            enabled=self.par.is_main,
+        )
+
+    # ---- setup helpers -----------------------------------------------------------------
+    def _get_model_if_streaming(self):
+        if self.cfg.cache_dir or self._model is not None:
+            return self._model
+        from clt_lens.models import load_model
+
+        self._model = load_model(self.cfg.model, device=self.device)
+        return self._model
+
+    def _check_resume_config(self, saved: dict[str, Any]) -> None:
+        diffs = [k for k in STRUCTURAL_KEYS if k in saved and saved[k] != getattr(self.cfg, k)]
+        if diffs:
+            detail = ", ".join(
+                f"{k}: checkpoint={saved[k]!r} config={getattr(self.cfg, k)!r}" for k in diffs
+            )
+            raise ConfigError(
+                f"cannot resume from {self.resume_from}: incompatible config ({detail})"
+            )
+
+    def _check_source(self) -> None:
+        info = self.info
+        if (info.input_hook, info.output_hook) != (self.cfg.input_hook, self.cfg.output_hook):
+            raise ConfigError(
+                f"activation source uses hooks ({info.input_hook}, {info.output_hook}) but the "
+                f"config asks for ({self.cfg.input_hook}, {self.cfg.output_hook})"
+            )
+
+    def _collect_heldout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if cfg.heldout_cache_dir:
+            src = make_source(
+                replace(cfg, cache_dir=cfg.heldout_cache_dir),
+                min(cfg.heldout_tokens, 4096),
+                partition=False,
+            )
+        else:
+            from clt_lens.models import load_model, model_id
+
+            model = self._model or load_model(cfg.model, device=self.device)
+            self._model = model
+            if model_id(model) != self.info.model_id:
+                raise ConfigError(
+                    f"the activation source was made with model {self.info.model_id}, but "
+                    f"config model {cfg.model!r} is {model_id(model)}"
+                )
+            src = make_source(
+                replace(cfg, cache_dir=None),
+                min(cfg.heldout_tokens, 4096),
+                model=model,
+                partition=False,
+            )
+            src.split = cfg.heldout_split
+        xs, ys, n = [], [], 0
+        while n < cfg.heldout_tokens:
+            x, y = src.next()
+            xs.append(x)
+            ys.append(y)
+            n += x.shape[0]
+        src.close()
+        return torch.cat(xs)[: cfg.heldout_tokens], torch.cat(ys)[: cfg.heldout_tokens]
+
+    def _normalization_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Activations for the scale estimate: the same on every rank and world size."""
+        cfg = self.cfg
+        batch = min(cfg.normalization_tokens, 4096)
+        src = make_source(cfg, batch, model=self._model, partition=False)
+        xs, ys, n = [], [], 0
+        while n < cfg.normalization_tokens:
+            x, y = src.next()
+            xs.append(x)
+            ys.append(y)
+            n += x.shape[0]
+        src.close()
+        return torch.cat(xs), torch.cat(ys)
+
+    def _shard(self, full):
+        """This rank's feature slice of a full CLT (a copy with d_sae = F / feature_size)."""
+        if self.par.feature_size == 1:
+            return full
+        local = build_clt(
+            self.cfg, self.info, d_sae=self.cfg.d_sae // self.par.feature_size, device=self.device
+        )
+        sl = self.par.shard_slice(self.cfg.d_sae)
+        full_state = full.state_dict()
+        new = {}
+        for name, t in full_state.items():
+            fd = feature_dim(name)
+            new[name] = t.narrow(fd, sl.start, sl.stop - sl.start).clone() if fd is not None else t
+        local.load_state_dict(new)
+        return local
+
+    def gather_full_state(self) -> dict[str, torch.Tensor]:
+        """The full (unsharded) CLT state dict, assembled from the feature shards."""
+        state = self.clt.state_dict()
+        if self.par.feature_size == 1:
+            return {k: v.detach().clone() for k, v in state.items()}
+        return {
+            k: (
+                self.par.gather_features(v.detach(), fd)
+                if (fd := feature_dim(k)) is not None
+                else v.detach().clone()
+            )
+            for k, v in state.items()
+        }
+
+    # ---- optimizer state by parameter name (world-size independent) -------------------
+    def _optimizer_state(self) -> dict[str, Any]:
+        names = {id(p): n for n, p in self.clt.named_parameters()}
+        out: dict[str, Any] = {}
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                st = self.opt.state.get(p)
+                if not st:
+                    continue
+                name = names[id(p)]
+                fd = feature_dim(name)
+                entry = {}
+                for key, val in st.items():
+                    if torch.is_tensor(val) and val.dim() > 0 and fd is not None:
+                        val = self.par.gather_features(val, fd)
+                    entry[key] = val.detach().cpu().clone() if torch.is_tensor(val) else val
+                out[name] = entry
+        return out
+
+    def _load_optimizer_state(self, saved: dict[str, Any]) -> None:
+        sl = self.par.shard_slice(self.cfg.d_sae)
+        for name, p in self.clt.named_parameters():
+            if name not in saved:
+                continue
+            fd = feature_dim(name)
+            st = {}
+            for key, val in saved[name].items():
+                if torch.is_tensor(val) and val.dim() > 0 and fd is not None:
+                    val = val.narrow(fd, sl.start, sl.stop - sl.start)
+                st[key] = (
+                    val.to(p.device).clone() if torch.is_tensor(val) and val.dim() > 0 else val
+                )
+            self.opt.state[p] = st
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        full = build_clt(cfg, self.info, device=self.device)
+        if self._resume_state is not None:
+            from sae_lens import SAE
+
+            loaded = SAE.load_from_disk(str(self.resume_from), device=self.device)
+            full.load_state_dict(loaded.state_dict())
+        else:
+            x, y = self._normalization_sample()
+            full.estimate_normalization(x.to(self.device), y.to(self.device))
+        self.clt = self._shard(full)
+        self.clt.train()
+        self.params = [p for p in self.clt.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        L, F = self.info.n_layers, self.clt.cfg.d_sae
+        self.since_fired = torch.zeros(L, F, dtype=torch.long, device=self.device)
+        self.step = 0
+        self.tokens = 0
+        self.last_checkpoint: Path | None = None
+        self.l0_target_hit = False
+        self.scaler = None
+        if cfg.autocast == "fp16":
+            self.scaler = torch.amp.GradScaler(torch.device(self.device).type)
+        if self._resume_state is not None:
+            state, data_state, _ = self._resume_state
+            self._load_optimizer_state(state["optimizer"])
+            self.step, self.tokens = int(state["step"]), int(state["tokens"])
+            since = state["since_fired"]
+            self.since_fired = since[:, self.par.shard_slice(self.cfg.d_sae)].to(self.device)
+            self.l0_target_hit = bool(state.get("l0_target_hit", False))
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            self.source.load_state_dict(data_state)
+            self.last_checkpoint = self.resume_from
+            self.log.truncate_after(self.step)
+
+    def _autocast(self):
+        if self.cfg.autocast == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.autocast == "bf16" else torch.float16
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=dtype)
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.source.next()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _clip(self) -> torch.Tensor:
+        """Global gradient norm over all shards (replicated parameters counted once)."""
+        sharded = torch.zeros((), device=self.device)
+        replicated = torch.zeros((), device=self.device)
+        for name, p in self.clt.named_parameters():
+            if p.grad is None:
+                continue
+            sq = p.grad.detach().float().pow(2).sum()
+            if feature_dim(name) is not None:
+                sharded += sq
+            else:
+                replicated += sq
+        total = (self.par.sum_features(sharded) + replicated).sqrt()
+        if self.cfg.grad_clip > 0:
+            coef = (self.cfg.grad_clip / (total + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
+        return total
+
+    def train(self):
+        cfg = self.cfg
+        self._setup_model()
+        if self.heldout is None and cfg.eval_every and cfg.heldout_tokens:
+            self.heldout = self._collect_heldout()
+        if self.par.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        bar = tqdm(
+            total=cfg.n_steps,
+            initial=self.step,
+            disable=not (cfg.progress and self.par.is_main),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        t0, t_tokens = time.perf_counter(), self.tokens
+        try:
+            while self.step < cfg.n_steps:
+                rec = self._train_step()
+                self.step += 1
+                self.tokens += cfg.batch_size
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.n_steps:
+                    rec["tokens_per_s"] = (self.tokens - t_tokens) / max(
+                        time.perf_counter() - t0, 1e-9
+                    )
+                    self.log.log(rec)
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.4g}",
+                        l0=f"{rec['l0']:.1f}",
+                        ev=f"{rec['ev']:.3f}",
+                        refresh=False,
+                    )
+                if self.heldout is not None and (
+                    self.step % cfg.eval_every == 0 or self.step == cfg.n_steps
+                ):
+                    self.log.log(self.evaluate_heldout())
+                hit = self._l0_target_reached(rec)
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or hit:
+                    self.save_checkpoint()
+                if hit and cfg.l0_target_action == "stop":
+                    break
+            if self.last_checkpoint is None or self.last_checkpoint.name != self._ckpt_name():
+                self.save_checkpoint()
+            self._write_final()
+        finally:
+            bar.close()
+            self.log.close()
+            self.source.close()
+        return self.full_clt()
+
+    def _l0_target_reached(self, rec: dict[str, Any]) -> bool:
+        cfg = self.cfg
+        if cfg.l0_target is None or self.l0_target_hit:
+            return False
+        if self.step < cfg.sparsity_warmup_steps:
+            return False
+        if rec["l0"] <= cfg.l0_target:
+            self.l0_target_hit = True
+            if self.par.is_main:
+                tqdm.write(
+                    f"L0 target {cfg.l0_target} reached at step {self.step} "
+                    f"(L0 {rec['l0']:.2f}); action: {cfg.l0_target_action}"
+                )
+            return True
+        return False
+
+    def _train_step(self) -> dict[str, Any]:
+        cfg, par = self.cfg, self.par
+        L = self.info.n_layers
+        for g in self.opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(cfg, self.step)
+        coeff = sparsity_coeff(cfg, self.step)
+        dead = self.since_fired >= cfg.dead_window_tokens
+        self.opt.zero_grad(set_to_none=True)
+        terms: dict[str, float] = {}
+        d = self.info.d_model
+        sse = torch.zeros(L, device=self.device, dtype=torch.float64)
+        y_sum = torch.zeros(L, d, device=self.device, dtype=torch.float64)
+        y_sq = torch.zeros(L, device=self.device, dtype=torch.float64)
+        l0_sum = torch.zeros(L, device=self.device, dtype=torch.float64)
+        fired = torch.zeros(self.since_fired.shape, dtype=torch.bool, device=self.device)
+        n_tok = 0
+        for _ in range(cfg.grad_accum):
+            x, y = self._next_batch()
+            with self._autocast():
+                out = self.clt.training_forward(
+                    x,
+                    y,
+                    sparsity_coeff=coeff,
+                    preact_coeff=cfg.preact_coeff,
+                    auxk_coeff=cfg.auxk_coeff,
+                    dead_mask=dead,
+                    reduce_fn=par.reduce_partials,
+                )
+            loss = out.loss / cfg.grad_accum
+            if not torch.isfinite(out.loss):
+                last = self.last_checkpoint or "none written yet"
+                raise TrainingDiverged(
+                    f"loss is {float(out.loss)} at step {self.step}; stopping. "
+                    f"Last good checkpoint: {last}"
+                )
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            for k, v in out.losses.items():
+                terms[k] = terms.get(k, 0.0) + float(v) / cfg.grad_accum
+            # explained variance from sums, so ranks and micro-batches combine exactly
+            target = out.y_target.detach().double()
+            sse += out.sse_per_layer.detach().double()
+            y_sum += target.sum(0)
+            y_sq += target.pow(2).sum(dim=(0, 2))
+            l0_sum += out.l0_per_layer.detach().double() * x.shape[0]
+            fired |= out.fired
+            n_tok += x.shape[0]
+        par.average_grads(self.params)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        grad_norm = self._clip()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        post = getattr(self.clt, "post_optimizer_step", None)
+        if post is not None:
+            post()
+        # feature health: OR of "fired" over the data group; tokens counted globally
+        fired_any = par.max_data(fired.to(torch.uint8)).bool()
+        self.since_fired += cfg.batch_size
+        self.since_fired[fired_any] = 0
+        # global metrics
+        stats = torch.cat(
+            [
+                sse,
+                y_sum.flatten(),
+                y_sq,
+                l0_sum,
+                torch.tensor([float(n_tok)], device=self.device, dtype=torch.float64),
+            ]
+        )
+        par.sum_data(stats)
+        sse, y_sum, y_sq, l0_sum, n = (
+            stats[:L],
+            stats[L : L + L * d].view(L, d),
+            stats[L + L * d : 2 * L + L * d],
+            stats[2 * L + L * d : 3 * L + L * d],
+            stats[-1],
+        )
+        l0_sum = par.sum_features(l0_sum)  # each feature rank counts its own slice
+        sst = y_sq - y_sum.pow(2).sum(-1) / n
+        ev = (1 - sse / sst.clamp_min(1e-12)).tolist()
+        l0 = (l0_sum / n).tolist()
+        term_t = torch.tensor(
+            [terms.get(k, 0.0) for k in ("mse", "sparsity", "preact", "auxk")],
+            device=self.device,
+            dtype=torch.float64,
+        )
+        # mse is identical across a feature group; the penalties are per shard
+        term_t[1:] = par.sum_features(term_t[1:].clone())
+        term_t = par.sum_data(term_t) / par.data_size
+        mse, sp, pre, aux = term_t.tolist()
+        dead_frac = (self.since_fired >= cfg.dead_window_tokens).double().sum(-1)
+        dead_frac = (par.sum_features(dead_frac) / cfg.d_sae).tolist()
+        return {
+            "kind": "train",
+            "step": self.step + 1,
+            "tokens": self.tokens + cfg.batch_size,
+            "loss": mse + sp + pre + aux,
+            "mse": mse,
+            "sparsity": sp,
+            "preact": pre,
+            "auxk": aux,
+            "lr": cfg.lr * lr_factor(cfg, self.step),
+            "sparsity_coeff": coeff,
+            "grad_norm": float(grad_norm),
+            "ev": sum(ev) / L,
+            "ev_per_layer": ev,
+            "l0": sum(l0) / L,
+            "l0_per_layer": l0,
+            "dead_frac_per_layer": dead_frac,
+        }
+
+    @torch.no_grad()
+    def evaluate_heldout(self) -> dict[str, Any]:
+        """Explained variance and L0 per layer on the held-out activations."""
+        x_all, y_all = self.heldout
+        L = self.info.n_layers
+        was_training = self.clt.training
+        self.clt.eval()
+        sse = torch.zeros(L, dtype=torch.float64, device=self.device)
+        y_sum = torch.zeros(L, self.info.d_model, dtype=torch.float64, device=self.device)
+        y_sq = torch.zeros(L, dtype=torch.float64, device=self.device)
+        l0_sum = torch.zeros(L, dtype=torch.float64, device=self.device)
+        for x, y in zip(x_all.split(2048), y_all.split(2048)):
+            x, y = x.to(self.device), y.to(self.device)
+            acts = self.clt.encode(x)
+            y_hat = self.clt.decode(acts, x, reduce_fn=self.par.reduce_partials)
+            y = y.double()
+            sse += (y_hat.double() - y).pow(2).sum(dim=(0, 2))
+            y_sum += y.sum(0)
+            y_sq += y.pow(2).sum(dim=(0, 2))
+            l0_sum += (acts > 0).sum(dim=(0, 2)).double() if acts.dim() == 3 else 0
+        l0_sum = self.par.sum_features(l0_sum)
+        n = x_all.shape[0]
+        ev = (1 - sse / (y_sq - y_sum.pow(2).sum(-1) / n).clamp_min(1e-12)).tolist()
+        l0 = (l0_sum / n).tolist()
+        if was_training:
+            self.clt.train()
+        return {
+            "kind": "heldout",
+            "step": self.step,
+            "tokens": self.tokens,
+            "ev": sum(ev) / L,
+            "ev_per_layer": ev,
+            "l0": sum(l0) / L,
+            "l0_per_layer": l0,
+        }
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _ckpt_name(self) -> str:
+        return f"step_{self.step:08d}"
+
+    def full_clt(self):
+        """The full CLT (all features) with the current weights."""
+        if self.par.feature_size == 1:
+            return self.clt
+        full = build_clt(self.cfg, self.info, device=self.device)
+        full.load_state_dict(self.gather_full_state())
+        return full
+
+    def save_checkpoint(self) -> Path:
+        cfg, par = self.cfg, self.par
+        full = self.full_clt()  # collective when sharded: every rank takes part
+        opt_state = self._optimizer_state()
+        since = par.gather_features(self.since_fired, 1)
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "optimizer": opt_state,
+            "since_fired": since.cpu(),
+            "rng": _rng_state(),
+            "l0_target_hit": self.l0_target_hit,
+            "world": {"data_size": par.data_size, "feature_size": par.feature_size},
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        path = self.ckpt_root / self._ckpt_name()
+        if par.is_main:
+            path = ckpt_io.write_checkpoint(
+                self.ckpt_root,
+                self._ckpt_name(),
+                full.save_model,
+                state,
+                self.source.state_dict(),
+                asdict(cfg),
+                keep=cfg.keep_checkpoints,
+            )
+            plot_training_curves(self.log.path, self.run_dir / PLOT_FILE)
+        par.barrier()
+        self.last_checkpoint = path
+        return path
+
+    def _write_final(self) -> None:
+        if not self.par.is_main:
+            return
+        import shutil
+
+        final = self.run_dir / "final"
+        tmp = self.run_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in ("cfg.json", "sae_weights.safetensors"):
+            shutil.copy2(self.last_checkpoint / f, tmp / f)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        plot_training_curves(self.log.path, self.run_dir / PLOT_FILE)
+
+
+def train(cfg: TrainConfig, **kwargs: Any):
+    """Train a CLT; see :class:`Trainer`. Returns the trained CLT."""
+    return Trainer(cfg, **kwargs).train()
