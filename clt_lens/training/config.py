@@ -38,7 +38,8 @@ class TrainConfig:
     sparsity_c: float = 4.0
     preact_coeff: float = 3e-6
     auxk_coeff: float = 1 / 32
-    jumprelu_bandwidth: float = 1.0
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_ste_to_input: bool = False
     jumprelu_init_threshold: float = 0.03
     decode: str = "auto"  # "auto" | "sparse" | "dense"
     normalization_tokens: int = 8192
@@ -75,6 +76,10 @@ class TrainConfig:
     # --- distribution (torchrun) -------------------------------------------------------------
     distributed: str = "none"  # "none" | "ddp" | "feature" | "2d"
     feature_parallel_size: int = 1  # ranks per feature group ("feature": world size; "2d": set)
+    # How data-parallel ranks split the data: "shards" (each reads its own cache shards / stream
+    # refills: no duplicated I/O) or "slice" (each reads the global batch and keeps its slice:
+    # the run equals a one-process run with the same batch exactly, at W x the read cost).
+    data_parallel_reads: str = "shards"
     extra: dict = field(default_factory=dict)  # free-form notes stored with the checkpoint
 
     def validate(self) -> None:

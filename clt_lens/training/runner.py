@@ -17,8 +17,14 @@ class CLTTrainingRunner:
     ``close()`` and ``info``); the run is then not reproducible from the config alone.
     """
 
-    def __init__(self, cfg: TrainConfig, *, override_model: Any = None,
-                 override_source: Any = None, resume: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        override_model: Any = None,
+        override_source: Any = None,
+        resume: str | Path | None = None,
+    ) -> None:
         self.cfg = cfg
         self.trainer = Trainer(cfg, model=override_model, source=override_source, resume=resume)
 

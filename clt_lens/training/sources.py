@@ -108,9 +108,8 @@ class StreamSource:
         split: str | None = None,
         seed: int | None = None,
     ) -> None:
-        from clt_lens.models import load_model, model_id
-
         from clt_lens.activations import HookSpec
+        from clt_lens.models import load_model, model_id
 
         self.cfg = cfg
         self.batch_size = batch_size

@@ -28,9 +28,39 @@ class TrainingDiverged(RuntimeError):
 
 def build_clt(cfg: TrainConfig, info: SourceInfo, d_sae: int | None = None, device: str = "cpu"):
     """A fresh CrossLayerTranscoder for the activations described by ``info``."""
+    from sae_lens.saes.sae import SAEMetadata
+
     from clt_lens.clt import CLTConfig, CrossLayerTranscoder
 
-    clt_cfg = CLTConfig.from_training(cfg, info, d_sae=d_sae or cfg.d_sae, device=device)
+    clt_cfg = CLTConfig(
+        d_in=info.d_model,
+        d_sae=d_sae or cfg.d_sae,
+        n_layers=info.n_layers,
+        activation=cfg.activation,
+        k=cfg.k,
+        cross_layer=cfg.cross_layer,
+        skip=cfg.skip,
+        jumprelu_init_threshold=cfg.jumprelu_init_threshold,
+        jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+        jumprelu_ste_to_input=cfg.jumprelu_ste_to_input,
+        sparsity_penalty=cfg.sparsity_penalty,
+        sparsity_coeff=cfg.sparsity_coeff,
+        tanh_scale=cfg.sparsity_c,
+        preact_coeff=cfg.preact_coeff,
+        auxk_coeff=cfg.auxk_coeff,
+        decode=cfg.decode,
+        device=device,
+        dtype="float32",
+        metadata=SAEMetadata(
+            model_name=info.model_name,
+            model_id=info.model_id,
+            hook_name=info.input_hook,
+            hook_name_out=info.output_hook,
+            context_size=info.context_size,
+            dataset_path=info.dataset,
+            prepend_bos=True,
+        ),
+    )
     return CrossLayerTranscoder(clt_cfg)
 
 
@@ -96,17 +126,21 @@ class Trainer:
                 "feature sharding yet; use jumprelu/relu or distributed=ddp"
             )
         self.rank_batch = cfg.micro_batch_size // self.par.data_size
-        self.source = (
-            source
-            if source is not None
-            else make_source(
-                cfg,
-                self.rank_batch,
-                model=self._get_model_if_streaming(),
-                rank=self.par.data_rank,
-                world_size=self.par.data_size,
-            )
-        )
+        self.slice_reads = cfg.data_parallel_reads == "slice" and self.par.data_size > 1
+        if source is None:
+            if self.slice_reads:  # every rank reads the global batch and keeps its slice
+                source = make_source(
+                    cfg, cfg.micro_batch_size, model=self._get_model_if_streaming(), partition=False
+                )
+            else:
+                source = make_source(
+                    cfg,
+                    self.rank_batch,
+                    model=self._get_model_if_streaming(),
+                    rank=self.par.data_rank,
+                    world_size=self.par.data_size,
+                )
+        self.source = source
         self.info: SourceInfo = self.source.info
         self._check_source()
         self.heldout = heldout
@@ -306,6 +340,9 @@ class Trainer:
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.source.next()
+        if self.slice_reads:
+            lo = self.par.data_rank * self.rank_batch
+            x, y = x[lo : lo + self.rank_batch], y[lo : lo + self.rank_batch]
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _clip(self) -> torch.Tensor:
@@ -600,7 +637,7 @@ class Trainer:
         tmp = self.run_dir / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for f in ("cfg.json", "sae_weights.safetensors"):
+        for f in ("cfg.json", "sae_weights.safetensors", ckpt_io.CONFIG_FILE):
             shutil.copy2(self.last_checkpoint / f, tmp / f)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -1,0 +1,212 @@
+"""``evaluate``: how good a CLT is, in the numbers the field reports.
+
+Per layer: MSE, fraction of variance unexplained, explained variance, L0, dead and dense
+feature fractions, and the feature-density histogram. For the replacement model (every MLP
+output replaced by the CLT's reconstruction): the cross-entropy next to the original model's
+and the all-MLPs-zero-ablated model's, the fraction of CE recovered, KL(original || replacement)
+and next-token top-1 agreement; the same for each single-layer splice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from clt_lens.evals.metrics import CEStats, LayerStats, ce_recovered, kl_div, token_ce
+
+
+class EvalError(ValueError):
+    """The checkpoint, model or data cannot be evaluated together."""
+
+
+def load_clt(clt_or_path: Any, device: str = "cpu"):
+    """A CrossLayerTranscoder object, or a SAELens folder / training run directory."""
+    if not isinstance(clt_or_path, (str, Path)):
+        return clt_or_path
+    from sae_lens import SAE
+
+    import clt_lens.clt  # noqa: F401  (registers the architecture)
+
+    p = Path(clt_or_path)
+    if (p / "final" / "cfg.json").is_file():
+        p = p / "final"
+    if not (p / "cfg.json").is_file():
+        raise EvalError(
+            f"{str(p)!r} is not a CLT checkpoint (no cfg.json); pass a SAELens "
+            "folder or a training run directory"
+        )
+    return SAE.load_from_disk(str(p), device=device)
+
+
+def _clt_model_name(clt: Any) -> str | None:
+    meta = getattr(clt.cfg, "metadata", None)
+    return getattr(meta, "model_name", None) if meta is not None else None
+
+
+def check_compatible(clt: Any, model: Any, model_name: str | None = None) -> None:
+    """Raise EvalError unless the CLT was built for this model's layers, width and name."""
+    L, d = model.cfg.n_layers, model.cfg.d_model
+    if clt.cfg.n_layers != L or clt.cfg.d_in != d:
+        raise EvalError(
+            f"checkpoint is for {clt.cfg.n_layers} layers x d_model {clt.cfg.d_in}, but the model "
+            f"has {L} layers x d_model {d}"
+        )
+    trained_on = _clt_model_name(clt)
+    if model_name is not None and trained_on not in (None, "", model_name):
+        raise EvalError(
+            f"checkpoint was trained on model {trained_on!r}, not {model_name!r}; pass "
+            f"model={trained_on!r}"
+        )
+
+
+def _training_dataset(path: Any) -> str | None:
+    if not isinstance(path, (str, Path)):
+        return None
+    for cand in (
+        Path(path) / "train_config.json",
+        Path(path) / "final" / "train_config.json",
+        Path(path).parent / "train_config.json",
+    ):
+        if cand.is_file():
+            return json.loads(cand.read_text()).get("dataset")
+    return None
+
+
+@torch.no_grad()
+def evaluate(
+    clt: Any,
+    *,
+    model: Any = None,
+    dataset: str | None = None,
+    split: str = "heldout",
+    n_tokens: int = 16384,
+    batch_size: int = 16,
+    single_layer_splices: bool = True,
+    device: str = "cpu",
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a CLT on held-out tokens; write eval.json + plots to ``out_dir`` if given."""
+    from clt_lens.activations import HookSpec, collect_activations
+    from clt_lens.clt.splice import run_with_clt
+    from clt_lens.data import load_tokens
+    from clt_lens.models import load_model
+
+    dataset = dataset or _training_dataset(clt) or "embedded"
+    clt = load_clt(clt, device=device)
+    model_name = model if isinstance(model, str) else None
+    if model is None or isinstance(model, str):
+        model_name = model or _clt_model_name(clt) or "embedded"
+        model = load_model(model_name, device=device)
+    check_compatible(clt, model, model_name)
+    if n_tokens <= 0:
+        raise EvalError(f"n_tokens must be positive, got {n_tokens}")
+    ctx = int(getattr(clt.cfg.metadata, "context_size", None) or model.cfg.n_ctx)
+    ctx = min(ctx, model.cfg.n_ctx)
+    n_seq = -(-n_tokens // ctx)
+    tokens = load_tokens(
+        dataset,
+        tokenizer=model.tokenizer,
+        context_size=ctx,
+        split=split,
+        max_tokens=n_seq * ctx,
+        shuffle=False,
+    )
+    if tokens.numel() == 0:
+        raise EvalError(f"dataset {dataset!r} split {split!r} is empty")
+    if tokens.shape[0] < n_seq:
+        raise EvalError(
+            f"dataset {dataset!r} split {split!r} has {tokens.numel()} tokens, fewer than the "
+            f"{n_seq * ctx} requested; ask for at most {tokens.numel()} tokens"
+        )
+    hooks = HookSpec(*_hook_names(clt))
+    L, F, d = clt.cfg.n_layers, clt.cfg.d_sae, clt.cfg.d_in
+    layer_stats = LayerStats(L, F, d)
+    ce = CEStats()
+    zero_hooks = [
+        (f"blocks.{l}.{hooks.output_hook}", lambda t, hook: torch.zeros_like(t)) for l in range(L)
+    ]
+    model.eval()
+    clt.eval()
+    batches = tokens.split(batch_size)
+    for toks in tqdm(batches, desc="eval", disable=not progress, unit="batch"):
+        toks = toks.to(device)
+        logits = model(toks)
+        x, y = collect_activations(model, toks, hooks)
+        acts = clt.encode(x)
+        y_hat = clt.decode(acts, x)
+        layer_stats.update(y, y_hat, acts)
+        repl = run_with_clt(model, clt, toks)
+        zero = model.run_with_hooks(toks, fwd_hooks=zero_hooks)
+        ce.n += toks.shape[0] * (toks.shape[1] - 1)
+        ce.add("ce_original", token_ce(logits, toks))
+        ce.add("ce_replacement", token_ce(repl, toks))
+        ce.add("ce_zero_ablation", token_ce(zero, toks))
+        ce.add("kl", kl_div(logits, repl))
+        ce.add("top1_agreement", (logits[:, :-1].argmax(-1) == repl[:, :-1].argmax(-1)).double())
+        if single_layer_splices:
+            for l in range(L):
+                one = run_with_clt(model, clt, toks, layers=[l])
+                ce.add(f"ce_splice_{l}", token_ce(one, toks))
+                ce.add(f"kl_splice_{l}", kl_div(logits, one))
+    c = ce.summary()
+    per_layer = layer_stats.summary()
+    result: dict[str, Any] = {
+        "model": model_name,
+        "dataset": dataset,
+        "split": split,
+        "n_tokens_ce": ce.n,
+        "n_tokens_reconstruction": layer_stats.n_tokens,
+        "n_layers": L,
+        "d_sae": F,
+        "input_hook": hooks.input_hook,
+        "output_hook": hooks.output_hook,
+        "per_layer": per_layer,
+        "mean": {k: sum(v) / L for k, v in per_layer.items()},
+        "replacement": {
+            "ce_original": c["ce_original"],
+            "ce_replacement": c["ce_replacement"],
+            "ce_zero_ablation": c["ce_zero_ablation"],
+            "ce_recovered": ce_recovered(
+                c["ce_original"], c["ce_replacement"], c["ce_zero_ablation"]
+            ),
+            "kl": c["kl"],
+            "top1_agreement": c["top1_agreement"],
+        },
+        "density_histogram": layer_stats.density_histogram(),
+    }
+    if single_layer_splices:
+        result["single_layer_splices"] = [
+            {
+                "layer": l,
+                "ce": c[f"ce_splice_{l}"],
+                "kl": c[f"kl_splice_{l}"],
+                "ce_increase": c[f"ce_splice_{l}"] - c["ce_original"],
+            }
+            for l in range(L)
+        ]
+    if out_dir is not None:
+        from clt_lens.evals.report import write_outputs
+
+        write_outputs(result, Path(out_dir))
+    return result
+
+
+def _hook_names(clt: Any) -> tuple[str, str]:
+    meta = clt.cfg.metadata
+    hook_in = getattr(clt.cfg, "input_hook", None) or _block_relative(meta.hook_name)
+    hook_out = getattr(clt.cfg, "output_hook", None) or _block_relative(
+        getattr(meta, "hook_name_out", None) or "hook_mlp_out"
+    )
+    return hook_in, hook_out
+
+
+def _block_relative(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "blocks" and len(parts) > 2:
+        return ".".join(parts[2:])
+    return name
