@@ -126,6 +126,7 @@ class Trainer:
                 "feature sharding yet; use jumprelu/relu or distributed=ddp"
             )
         self.rank_batch = cfg.micro_batch_size // self.par.data_size
+        self._injected_source = source is not None
         self.slice_reads = cfg.data_parallel_reads == "slice" and self.par.data_size > 1
         if source is None:
             if self.slice_reads:  # every rank reads the global batch and keeps its slice
@@ -216,15 +217,21 @@ class Trainer:
     def _normalization_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Activations for the scale estimate: the same on every rank and world size."""
         cfg = self.cfg
-        batch = min(cfg.normalization_tokens, 4096)
-        src = make_source(cfg, batch, model=self._model, partition=False)
+        if self._injected_source:  # read ahead, then rewind the caller's source
+            src, saved = self.source, self.source.state_dict()
+        else:
+            batch = min(cfg.normalization_tokens, 4096)
+            src, saved = make_source(cfg, batch, model=self._model, partition=False), None
         xs, ys, n = [], [], 0
         while n < cfg.normalization_tokens:
             x, y = src.next()
             xs.append(x)
             ys.append(y)
             n += x.shape[0]
-        src.close()
+        if saved is not None:
+            src.load_state_dict(saved)
+        else:
+            src.close()
         return torch.cat(xs), torch.cat(ys)
 
     def _shard(self, full):
@@ -471,10 +478,11 @@ class Trainer:
             else:
                 loss.backward()
             for k, v in out.losses.items():
-                terms[k] = terms.get(k, 0.0) + float(v) / cfg.grad_accum
+                terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             # explained variance from sums, so ranks and micro-batches combine exactly
-            target = out.y_target.detach().double()
-            sse += out.sse_per_layer.detach().double()
+            with torch.no_grad():
+                target = self.clt.normalize_outputs(y).double()
+            sse += out.mse_per_layer.double() * x.shape[0]  # mse: mean over tokens of sum over d
             y_sum += target.sum(0)
             y_sq += target.pow(2).sum(dim=(0, 2))
             l0_sum += out.l0_per_layer.detach().double() * x.shape[0]
@@ -562,12 +570,16 @@ class Trainer:
         for x, y in zip(x_all.split(2048), y_all.split(2048)):
             x, y = x.to(self.device), y.to(self.device)
             acts = self.clt.encode(x)
-            y_hat = self.clt.decode(acts, x, reduce_fn=self.par.reduce_partials)
-            y = y.double()
-            sse += (y_hat.double() - y).pow(2).sum(dim=(0, 2))
+            # normalised space (EV is per-layer scale invariant); the partial decode is summed
+            # over feature shards like in training
+            partial = self.clt.decode_partial(acts.transpose(0, 1).contiguous(),
+                                              self.par.reduce_partials)
+            y_hat = self.clt.finish_decode(partial, self.clt.normalize_inputs(x)).double()
+            y = self.clt.normalize_outputs(y).double()
+            sse += (y_hat - y).pow(2).sum(dim=(0, 2))
             y_sum += y.sum(0)
             y_sq += y.pow(2).sum(dim=(0, 2))
-            l0_sum += (acts > 0).sum(dim=(0, 2)).double() if acts.dim() == 3 else 0
+            l0_sum += (acts != 0).sum(dim=(0, 2)).double()
         l0_sum = self.par.sum_features(l0_sum)
         n = x_all.shape[0]
         ev = (1 - sse / (y_sq - y_sum.pow(2).sum(-1) / n).clamp_min(1e-12)).tolist()
