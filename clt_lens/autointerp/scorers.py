@@ -1,0 +1,122 @@
+"""Detection and fuzzing scores of an explanation, on held-out examples only.
+
+- detection: held-out activating contexts mixed with negative contexts, shuffled; the LLM
+  says which activate. Balanced accuracy over (activating, negative).
+- fuzzing: held-out activating contexts, about half with the true activating tokens marked,
+  the rest with the same number of marks on random tokens where the feature did not fire;
+  the LLM says which are correctly marked. Balanced accuracy over (correct, wrong).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from clt_lens.autointerp.client import ChatClient, RequestFailed, Tally
+from clt_lens.autointerp.examples import ExampleSplit, feature_rng
+from clt_lens.autointerp.explainer import truncate_raw
+from clt_lens.autointerp.prompts import (
+    SCORE_METHODS,
+    balanced_accuracy,
+    build_detection_messages,
+    build_fuzzing_messages,
+    marked_positions,
+    parse_binary_list,
+    render_marked,
+    render_plain,
+)
+
+
+@dataclass
+class ScoringSet:
+    texts: list[str]
+    labels: list[int]  # 1 = activating (detection) / correctly marked (fuzzing)
+
+
+def detection_set(split: ExampleSplit, rng: random.Random) -> ScoringSet | str:
+    """The items, or the reason they cannot be built."""
+    if not split.heldout:
+        return "no held-out activating examples (too few examples)"
+    if not split.negatives:
+        return "no negative examples"
+    items = [(render_plain(ex["tokens"]), 1) for ex in split.heldout]
+    items += [(render_plain(ex["tokens"]), 0) for ex in split.negatives]
+    rng.shuffle(items)
+    return ScoringSet([t for t, _ in items], [y for _, y in items])
+
+
+def wrong_marks(example: dict, true_marks: set[int], rng: random.Random) -> set[int]:
+    """As many random positions as there are true marks, where the feature did not fire
+    (falling back to unmarked weakly-firing positions); empty if there is no such token."""
+    acts = example["acts"]
+    silent = [p for p in range(len(acts)) if p not in true_marks and acts[p] <= 0]
+    weak = [p for p in range(len(acts)) if p not in true_marks and acts[p] > 0]
+    k = max(1, len(true_marks))
+    chosen = rng.sample(silent, min(k, len(silent)))
+    if len(chosen) < k and weak:
+        chosen += rng.sample(weak, min(k - len(chosen), len(weak)))
+    return set(chosen)
+
+
+def fuzzing_set(split: ExampleSplit, max_act: float, rng: random.Random) -> ScoringSet | str:
+    if len(split.heldout) < 2:
+        return "fewer than 2 held-out activating examples"
+    order = list(range(len(split.heldout)))
+    rng.shuffle(order)
+    make_wrong = set(order[: len(order) // 2])
+    items = []
+    for k, ex in enumerate(split.heldout):
+        true = set(marked_positions(ex, max_act))
+        wrong = wrong_marks(ex, true, rng) if k in make_wrong else set()
+        if wrong:
+            items.append((render_marked(ex["tokens"], wrong), 0))
+        else:
+            items.append((render_marked(ex["tokens"], true), 1))
+    if not any(y == 0 for _, y in items) or not any(y == 1 for _, y in items):
+        return "could not build both correctly and wrongly marked examples"
+    rng.shuffle(items)
+    return ScoringSet([t for t, _ in items], [y for _, y in items])
+
+
+def score_feature(
+    name: str,
+    explanation: str,
+    feature: dict,
+    split: ExampleSplit,
+    chat: ChatClient,
+    tally: Tally,
+    *,
+    seed: int,
+) -> tuple[dict | None, str | None]:
+    """(score record, None) or (None, why no score). Unparseable answers and refused (4xx)
+    requests are reported, not raised; a transient RequestFailed, BudgetExhausted,
+    FatalAPIError and RunStopped pass through."""
+    rng = feature_rng(seed, int(feature["layer"]), int(feature["index"]), name)
+    if name == "detection":
+        built = detection_set(split, rng)
+        build_messages = build_detection_messages
+    elif name == "fuzzing":
+        built = fuzzing_set(split, float(feature.get("max_act") or 0.0), rng)
+        build_messages = build_fuzzing_messages
+    else:
+        raise ValueError(f"unknown scorer {name!r}")
+    if isinstance(built, str):
+        return None, f"{name}: skipped, {built}"
+    try:
+        completion = chat.complete(build_messages(explanation, built.texts), tally)
+    except RequestFailed as e:
+        if e.transient:
+            raise  # the feature is retried as a whole on the next run
+        return None, f"{name}: request refused: {e}"
+    predictions = parse_binary_list(completion.text, len(built.texts))
+    if predictions is None:
+        return None, (
+            f"{name}: unparseable answer (expected a list of {len(built.texts)} 0/1 values): "
+            f"{truncate_raw(completion.text)}"
+        )
+    return {
+        "balanced_accuracy": balanced_accuracy(built.labels, predictions),
+        "n": len(built.texts),
+        "method": SCORE_METHODS[name],
+        "model": chat.model,
+    }, None
