@@ -1,0 +1,339 @@
+"""Decoding (and encoder gradients) from the kept positions of the activations only.
+
+A ``Support`` lists the positions of an activation tensor laid out as [L, B, F] that carry a
+value or need a gradient, in (layer, token, feature) order, with the CSR index arrays of every
+layer's [B, F] block and of its transpose [F, B]. Values may be zero at kept positions (a
+JumpReLU feature just below its threshold still needs dL/da for the threshold's
+pseudo-derivative); they cost a multiply and keep the pattern fixed between forward and
+backward.
+
+Decoding is ``out[:, j] = sum_{i <= j} z_i @ W_dec[i][:, j - i]``. Both decoders below are
+custom autograd functions that write into one output buffer: slicing parameters or outputs
+under autograd would make it zero-fill a full-size gradient buffer per slice.
+- ``sparse_decode``: forward CSR @ dense (``torch.addmm`` into an uninitialised buffer, which
+  skips the zero-fill and copy ``torch.sparse.mm`` does); grad of the values with
+  ``torch.sparse.sampled_addmm`` on the same pattern; grad of W_dec with the transposed CSR.
+  The ``*_with_norms`` variants also return the decoder norms [L, F] and fold their gradient
+  into the decoder's, saving passes over every decoder weight.
+- ``dense_decode``: the same with dense matmuls, for dense activations.
+``encoder_grad_gather`` gathers pre-activations at the support and gives the encoder sparse
+gradients (W_enc, b_enc and, if needed, the input).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# torch warns once per process that CSR support is "beta"; these kernels are tested here.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+def _spmm(sparse: Tensor, dense: Tensor) -> Tensor:
+    """CSR @ dense into a fresh buffer; torch.sparse.mm zero-fills, multiplies, then copies."""
+    out = torch.empty(sparse.shape[0], dense.shape[1], dtype=dense.dtype, device=dense.device)
+    return torch.addmm(out, sparse, dense, beta=0, out=out)
+
+
+@dataclass
+class Support:
+    """Kept positions of a [L, B, F] activation tensor, in (l, b, f) order.
+
+    ``flat`` indexes the flattened [L, B, F] tensor; ``layer_ptr[l]:layer_ptr[l+1]`` are layer
+    l's entries; ``crow[l]`` / ``cols`` give layer l's [B, F] CSR (cols sliced by layer_ptr).
+    ``lf`` indexes the flattened [L, F] (per-feature parameters).
+    """
+
+    n_layers: int
+    batch: int
+    n_features: int
+    flat: Tensor
+    rows: Tensor
+    cols: Tensor
+    lf: Tensor
+    layer_ptr: list[int]
+    crow: Tensor  # [L, B + 1]
+    _transposed: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.flat.numel())
+
+    @property
+    def density(self) -> float:
+        total = self.n_layers * self.batch * self.n_features
+        return self.nnz / total if total else 0.0
+
+    @classmethod
+    def from_flat(cls, flat: Tensor, n_layers: int, batch: int, n_features: int) -> Support:
+        """Build from sorted flat indices into [L, B, F]."""
+        flat = flat.to(torch.int64)
+        per_layer = batch * n_features
+        layer = torch.div(flat, per_layer, rounding_mode="floor")
+        rem = flat - layer * per_layer
+        rows = torch.div(rem, n_features, rounding_mode="floor")
+        cols = rem - rows * n_features
+        counts = torch.bincount(layer * batch + rows, minlength=n_layers * batch)
+        crow = torch.zeros(n_layers, batch + 1, dtype=torch.int64, device=flat.device)
+        crow[:, 1:] = counts.view(n_layers, batch).cumsum(1)
+        layer_counts = crow[:, -1].tolist()
+        layer_ptr = [0]
+        for c in layer_counts:
+            layer_ptr.append(layer_ptr[-1] + int(c))
+        return cls(
+            n_layers=n_layers,
+            batch=batch,
+            n_features=n_features,
+            flat=flat,
+            rows=rows,
+            cols=cols,
+            lf=layer * n_features + cols,
+            layer_ptr=layer_ptr,
+            crow=crow,
+        )
+
+    @classmethod
+    def from_mask(cls, mask_lbf: Tensor) -> Support:
+        """Positions where a boolean [L, B, F] tensor is True."""
+        n_layers, batch, n_features = mask_lbf.shape
+        flat = mask_lbf.reshape(-1).nonzero().squeeze(1)
+        return cls.from_flat(flat, n_layers, batch, n_features)
+
+    @classmethod
+    def from_layer_indices(cls, idx: Tensor, batch: int, n_features: int) -> Support:
+        """From per-layer flat indices into [B*F] ([L, n] sorted, as batch top-k gives)."""
+        n_layers = idx.shape[0]
+        offsets = torch.arange(n_layers, device=idx.device).unsqueeze(1) * (batch * n_features)
+        return cls.from_flat((idx + offsets).reshape(-1), n_layers, batch, n_features)
+
+    @classmethod
+    def from_row_indices(cls, idx: Tensor, n_features: int) -> Support:
+        """From per-row feature indices [L, B, k] (each row sorted), as top-k gives."""
+        n_layers, batch, k = idx.shape
+        base = torch.arange(n_layers * batch, device=idx.device).view(n_layers, batch, 1)
+        return cls.from_flat((base * n_features + idx).reshape(-1), n_layers, batch, n_features)
+
+    def layer_slice(self, values: Tensor, layer: int) -> Tensor:
+        return values[self.layer_ptr[layer] : self.layer_ptr[layer + 1]]
+
+    def layer_csr(self, values: Tensor, layer: int) -> Tensor:
+        """Layer ``layer``'s [B, F] block as a CSR tensor with the given values."""
+        a, b = self.layer_ptr[layer], self.layer_ptr[layer + 1]
+        return _csr(self.crow[layer], self.cols[a:b], values[a:b], (self.batch, self.n_features))
+
+    def transposed(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(perm, crow_t [L, F+1], cols_t): entries sorted by (l, f, b) for the [F, B] CSRs."""
+        if self._transposed is None:
+            # (l, f, b) keys are unique; int32 sorts about twice as fast when they fit
+            key = self.lf * self.batch + self.rows
+            if self.n_layers * self.n_features * self.batch < 2**31:
+                key = key.to(torch.int32)
+            perm = torch.sort(key).indices
+            counts = torch.bincount(self.lf, minlength=self.n_layers * self.n_features)
+            crow_t = torch.zeros(
+                self.n_layers, self.n_features + 1, dtype=torch.int64, device=self.flat.device
+            )
+            crow_t[:, 1:] = counts.view(self.n_layers, self.n_features).cumsum(1)
+            self._transposed = (perm, crow_t, self.rows[perm])
+        return self._transposed
+
+    def layer_csr_t(self, values_t: Tensor, layer: int) -> Tensor:
+        """Layer ``layer``'s transposed [F, B] CSR; ``values_t`` are values[perm]."""
+        _, crow_t, cols_t = self.transposed()
+        a, b = self.layer_ptr[layer], self.layer_ptr[layer + 1]
+        return _csr(crow_t[layer], cols_t[a:b], values_t[a:b], (self.n_features, self.batch))
+
+
+def _target_span(source: int, n_targets: int) -> slice:
+    return slice(source, source + n_targets)
+
+
+def _decoder_norms(w_dec: tuple[Tensor, ...]) -> Tensor:
+    return torch.stack([w.reshape(w.shape[0], -1).norm(dim=1) for w in w_dec])
+
+
+def _add_norm_grad_(grad_w: Tensor, w: Tensor, norm: Tensor, grad_norm: Tensor) -> None:
+    """grad_w += dL/dnorm * w / norm, in place (zero-norm features get no gradient)."""
+    scale = torch.where(norm > 0, grad_norm / norm.clamp(min=torch.finfo(norm.dtype).tiny), 0)
+    grad_w.addcmul_(w, scale.view(-1, *([1] * (w.dim() - 1))))
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, support: Support, with_norms: bool, values: Tensor, *w_dec: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        n_layers, batch = support.n_layers, support.batch
+        d = w_dec[0].shape[-1]
+        ctx.values_dtype = values.dtype
+        values = values.to(w_dec[0].dtype)  # autocast may hand us half-precision values
+        out = values.new_zeros(batch, n_layers, d)
+        for i, w in enumerate(w_dec):
+            if support.layer_ptr[i + 1] == support.layer_ptr[i]:
+                continue
+            n_t = w.shape[1]
+            part = _spmm(support.layer_csr(values, i), w.reshape(w.shape[0], n_t * d))
+            out[:, _target_span(i, n_t)] += part.view(batch, n_t, d)
+        norms = _decoder_norms(w_dec) if with_norms else values.new_zeros(0)
+        ctx.support = support
+        ctx.save_for_backward(values, norms, *w_dec)
+        ctx.mark_non_differentiable(*([] if with_norms else [norms]))
+        return out, norms
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor, grad_norms: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        support: Support = ctx.support
+        values, norms, *w_dec = ctx.saved_tensors
+        need_values = ctx.needs_input_grad[2]
+        need_w = ctx.needs_input_grad[3:]
+        batch, d = support.batch, grad_out.shape[-1]
+        grad_values = torch.zeros_like(values) if need_values else None
+        grads_w: list[Tensor | None] = [None] * len(w_dec)
+        values_t = values[support.transposed()[0]] if any(need_w) else None
+        for i, w in enumerate(w_dec):
+            a, b = support.layer_ptr[i], support.layer_ptr[i + 1]
+            n_t, n_features = w.shape[1], w.shape[0]
+            if a < b and (need_values or need_w[i]):
+                g = grad_out[:, _target_span(i, n_t)].reshape(batch, n_t * d)
+                if need_values:
+                    pattern = support.layer_csr(values, i)
+                    sampled = torch.sparse.sampled_addmm(
+                        pattern, g, w.reshape(n_features, n_t * d).t(), beta=0.0
+                    )
+                    grad_values[a:b] = sampled.values()
+                if need_w[i]:
+                    gw = _spmm(support.layer_csr_t(values_t, i), g)
+                    grads_w[i] = gw.view_as(w)
+            if need_w[i]:
+                if grads_w[i] is None:
+                    grads_w[i] = torch.zeros_like(w)
+                if grad_norms is not None and norms.numel():
+                    _add_norm_grad_(grads_w[i], w, norms[i], grad_norms[i])
+        if grad_values is not None:
+            grad_values = grad_values.to(ctx.values_dtype)
+        return (None, None, grad_values, *grads_w)
+
+
+class _DenseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, with_norms: bool, acts_lbf: Tensor, *w_dec: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        n_layers, batch, _ = acts_lbf.shape
+        d = w_dec[0].shape[-1]
+        ctx.acts_dtype = acts_lbf.dtype
+        acts_lbf = acts_lbf.to(w_dec[0].dtype)  # autocast may hand us half-precision acts
+        out = acts_lbf.new_zeros(batch, n_layers, d)
+        for i, w in enumerate(w_dec):
+            n_t = w.shape[1]
+            part = acts_lbf[i] @ w.reshape(w.shape[0], n_t * d)
+            out[:, _target_span(i, n_t)] += part.view(batch, n_t, d)
+        norms = _decoder_norms(w_dec) if with_norms else acts_lbf.new_zeros(0)
+        ctx.save_for_backward(acts_lbf, norms, *w_dec)
+        ctx.mark_non_differentiable(*([] if with_norms else [norms]))
+        return out, norms
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_out: Tensor, grad_norms: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        acts_lbf, norms, *w_dec = ctx.saved_tensors
+        batch, d = acts_lbf.shape[1], grad_out.shape[-1]
+        grad_acts = torch.empty_like(acts_lbf) if ctx.needs_input_grad[1] else None
+        grads_w: list[Tensor | None] = [None] * len(w_dec)
+        for i, w in enumerate(w_dec):
+            n_t, n_features = w.shape[1], w.shape[0]
+            g = grad_out[:, _target_span(i, n_t)].reshape(batch, n_t * d)
+            if grad_acts is not None:
+                torch.mm(g, w.reshape(n_features, n_t * d).t(), out=grad_acts[i])
+            if ctx.needs_input_grad[2 + i]:
+                grads_w[i] = (acts_lbf[i].t() @ g).view_as(w)
+                if grad_norms is not None and norms.numel():
+                    _add_norm_grad_(grads_w[i], w, norms[i], grad_norms[i])
+        if grad_acts is not None:
+            grad_acts = grad_acts.to(ctx.acts_dtype)
+        return (None, grad_acts, *grads_w)
+
+
+class _EncoderGradGather(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, support: Support, pre_lbf: Tensor, x_lbd: Tensor, w_enc: Tensor, b_enc: Tensor
+    ) -> Tensor:
+        ctx.support = support
+        ctx.save_for_backward(x_lbd, w_enc)
+        return pre_lbf.reshape(-1)[support.flat]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        support: Support = ctx.support
+        x_lbd, w_enc = ctx.saved_tensors
+        _, need_x, need_w, need_b = ctx.needs_input_grad[1:]
+        grad = grad.to(w_enc.dtype)
+        grad_x = torch.zeros_like(x_lbd) if need_x else None
+        grad_w = torch.empty_like(w_enc) if need_w else None
+        grad_b = None
+        if need_b:
+            grad_b = grad.new_zeros(support.n_layers * support.n_features)
+            grad_b.index_add_(0, support.lf, grad)
+            grad_b = grad_b.view(support.n_layers, support.n_features)
+        grad_t = grad[support.transposed()[0]] if need_w else None
+        for layer in range(support.n_layers):
+            if support.layer_ptr[layer + 1] == support.layer_ptr[layer]:
+                if need_w:
+                    grad_w[layer].zero_()
+                continue
+            if need_w:
+                # dL/dW_enc[l] = x_l^T @ G_l = (G_l^T @ x_l)^T with G_l^T as a [F, B] CSR
+                gw = _spmm(support.layer_csr_t(grad_t, layer), x_lbd[layer])
+                grad_w[layer].copy_(gw.t())
+            if need_x:
+                grad_x[layer] = _spmm(support.layer_csr(grad, layer), w_enc[layer].t())
+        return None, None, grad_x, grad_w, grad_b
+
+
+def sparse_decode(support: Support, values: Tensor, w_dec: list[Tensor]) -> Tensor:
+    """Sum over sources of the decoded kept values: [B, L, d] (no bias, no skip)."""
+    return _SparseDecode.apply(support, False, values, *w_dec)[0]
+
+
+def dense_decode(acts_lbf: Tensor, w_dec: list[Tensor]) -> Tensor:
+    """Sum over sources of the decoded activations [L, B, F]: [B, L, d] (no bias, no skip)."""
+    return _DenseDecode.apply(False, acts_lbf, *w_dec)[0]
+
+
+def sparse_decode_with_norms(
+    support: Support, values: Tensor, w_dec: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """``sparse_decode`` plus the decoder norms [L, F] (differentiable).
+
+    Fusing the norms' backward into the decoder's saves two passes and an allocation over
+    every decoder weight per step.
+    """
+    return _SparseDecode.apply(support, True, values, *w_dec)  # type: ignore[return-value]
+
+
+def dense_decode_with_norms(acts_lbf: Tensor, w_dec: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``dense_decode`` plus the decoder norms [L, F] (differentiable)."""
+    return _DenseDecode.apply(True, acts_lbf, *w_dec)  # type: ignore[return-value]
+
+
+def encoder_grad_gather(
+    support: Support, pre_lbf: Tensor, x_lbd: Tensor, w_enc: Tensor, b_enc: Tensor
+) -> Tensor:
+    """``pre_lbf`` (computed without autograd) at the support, with sparse encoder gradients.
+
+    ``pre_lbf`` must equal ``baddbmm(b_enc[:, None], x_lbd, w_enc)``; only the kept positions'
+    gradients flow back, which is exact when the loss depends on pre-activations only there.
+    """
+    return _EncoderGradGather.apply(support, pre_lbf, x_lbd, w_enc, b_enc)  # type: ignore[return-value]
