@@ -30,15 +30,21 @@ def resolve_config_path(name: str | None) -> Path | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config file or packaged config name (demo, ...)")
+    # The config file is taken from the leftover arguments in run(): a declared optional
+    # positional would swallow the value of the first unknown "--field value" override.
+    p.usage = "clt-lens train [CONFIG.yaml | PACKAGED_NAME] [--resume DIR] [--field value ...]"
     p.add_argument("--resume", help="run or checkpoint directory to continue from")
-    p.epilog = "Any TrainConfig field can be overridden with --field value."
+    p.epilog = (
+        "CONFIG is a YAML file or a packaged config (demo, gpt2-small, pythia-160m, gemma-2-2b, "
+        "llama-3.2-1b). Any TrainConfig field can be overridden with --field value."
+    )
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from clt_lens.training.runner import CLTTrainingRunner
 
-    cfg = load_config(TrainConfig, resolve_config_path(args.config), extra)
+    config = extra.pop(0) if extra and not extra[0].startswith("-") else None
+    cfg = load_config(TrainConfig, resolve_config_path(config), extra)
     runner = CLTTrainingRunner(cfg, resume=args.resume)
     runner.run()
     if runner.trainer.par.is_main:

@@ -119,7 +119,8 @@ def plot_training_curves(metrics_path: Path, out_png: Path) -> Path | None:
                 ms=3,
                 label=f"held-out L{layer}",
             )
-    ax.set_ylim(max(-0.1, ax.get_ylim()[0]), 1.0)
+    lows = [v for r in train + held for v in r["ev_per_layer"]]
+    ax.set_ylim(max(min(lows) - 0.05, -1.0), 1.0)
     ax.set_title("explained variance")
     ax.legend(fontsize=7, ncol=2)
     ax = axes[1, 1]

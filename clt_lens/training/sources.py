@@ -90,7 +90,8 @@ class CacheSource:
 class StreamSource:
     """Runs the model on packed token sequences and yields shuffled activation batches.
 
-    The token stream is cut into refills of ``stream_sequences_per_refill`` sequences; each
+    The token stream is cut into refills of ``stream_sequences_per_refill`` sequences (more if
+    a batch needs more); each
     refill is run through the model once and its tokens are shuffled with a generator seeded by
     (seed, refill index). The position is (refill index, batches used from it), so a restore
     replays just one refill. With ``world_size`` > 1 (data parallel) rank r takes refills
@@ -129,6 +130,10 @@ class StreamSource:
             context_size=self.context_size,
             dataset=cfg.dataset,
         )
+        # a refill must hold at least one batch (BOS positions are not activations)
+        self.seqs_per_refill = max(cfg.stream_sequences_per_refill,
+                                   -(-batch_size // (self.context_size - 1)))
+        self._empty_refills = 0
         self.refill = rank  # index of the next refill to load, in the global refill sequence
         self.used = 0  # batches already taken from the current buffer
         self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -142,7 +147,7 @@ class StreamSource:
             self.cfg.dataset,
             tokenizer=self.model.tokenizer,
             context_size=self.context_size,
-            batch_size=self.cfg.stream_sequences_per_refill,
+            batch_size=self.seqs_per_refill,
             split=self.split,
             seed=self.seed,
         )
@@ -184,6 +189,15 @@ class StreamSource:
             if lo + self.batch_size <= x.shape[0]:
                 self.used += 1
                 return x[lo : lo + self.batch_size], y[lo : lo + self.batch_size]
+            if self.used == 0:  # a short refill (end of the data) gave no batch at all
+                self._empty_refills += 1
+                if self._empty_refills > 2:
+                    raise ValueError(
+                        f"dataset {self.cfg.dataset!r} split {self.split!r} cannot fill a batch "
+                        f"of {self.batch_size} tokens"
+                    )
+            else:
+                self._empty_refills = 0
             self._buffer, self.used = None, 0
             self.refill += self.world_size
 

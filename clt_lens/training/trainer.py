@@ -470,7 +470,7 @@ class Trainer:
             if not torch.isfinite(out.loss):
                 last = self.last_checkpoint or "none written yet"
                 raise TrainingDiverged(
-                    f"loss is {float(out.loss)} at step {self.step}; stopping. "
+                    f"loss is {float(out.loss.detach())} at step {self.step + 1}; stopping. "
                     f"Last good checkpoint: {last}"
                 )
             if self.scaler is not None:
