@@ -1,0 +1,59 @@
+"""Compressed, sharded activation caches: generate (model -> shards), merge, read, inspect.
+
+- ``format``: codecs, the shard file layout and the manifest (described in its docstring).
+- ``generate``: ``CacheConfig`` and ``generate_cache`` (one job of a possibly split run).
+- ``writer``: atomic shard writes, per-job progress records, ``merge_cache``.
+- ``reader``: ``CacheReader`` (shuffle, rank partitions, prefetch, exact resume).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clt_lens.cache.format import (
+    CODECS,
+    DEFAULT_CODEC,
+    FORMAT_VERSION,
+    CacheError,
+    CacheManifest,
+    CacheMismatchError,
+    make_codec,
+    read_manifest,
+)
+from clt_lens.cache.generate import CacheConfig, generate_cache
+from clt_lens.cache.reader import CacheReader, check_expected
+from clt_lens.cache.writer import merge_cache
+
+
+def inspect(path: str | Path) -> str:
+    """A human-readable summary of the cache at ``path`` (manifest only; shards not read)."""
+    m = read_manifest(path)
+    n, L, d = m.n_tokens, m.n_layers, m.d_model
+    fp32 = n * L * d * 4 * 2
+    per_tok = m.nbytes / max(n, 1)
+    lines = [
+        f"cache       {Path(path)}",
+        f"model       {m.model_id}  ({m.model_name})",
+        f"hooks       in: blocks.*.{m.hooks.input_hook}   out: blocks.*.{m.hooks.output_hook}",
+        f"shape       L={L} layers, d={d}, context {m.context_size}",
+        f"data        {m.dataset} [{m.split}], seed {m.seed}",
+        f"tokens      {n:,} in {len(m.shards)} shards",
+        f"codec       {m.codec}",
+        f"size        {m.nbytes / 2**20:,.1f} MiB = {per_tok:,.1f} B/token (x and y); "
+        f"{fp32 / max(m.nbytes, 1):.2f}x smaller than fp32, "
+        f"{fp32 / 2 / max(m.nbytes, 1):.2f}x than fp16",
+    ]
+    for t in ("x", "y"):
+        fvu = m.max_fvu(t)
+        if fvu is not None:
+            lines.append(f"quant FVU {t}  " + " ".join(f"{v:.2e}" for v in fvu)
+                         + "  (worst shard, per layer)")
+    lines.append(f"format      version {m.format_version}, config hash {m.config_hash}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "CODECS", "DEFAULT_CODEC", "FORMAT_VERSION", "CacheConfig", "CacheError", "CacheManifest",
+    "CacheMismatchError", "CacheReader", "check_expected", "generate_cache", "inspect",
+    "make_codec", "merge_cache", "read_manifest",
+]

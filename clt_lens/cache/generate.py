@@ -1,0 +1,366 @@
+"""The model -> cache job: run a HookedTransformer over a token stream and write shards.
+
+The plan is fixed by the config: the dataset's deterministic packed token stream is cut into
+``n_shards`` shards of ``seqs_per_shard`` consecutive sequences (shard k = sequences
+``[k * seqs_per_shard, (k + 1) * seqs_per_shard)``), so shard contents do not depend on how many
+jobs write them or how often a job was restarted. Job i of n writes the shards k with
+``k % n == i`` and records each one as it finishes (see ``writer``); re-running a job skips the
+shards its records list whose checksums still match, and redoes the rest. When a job finishes it
+tries the merge, which writes ``manifest.json`` once every shard exists.
+
+``n_tokens`` counts activation tokens: each sequence gives ``context_size - 1`` of them, since
+the BOS position is dropped (``context_size`` with ``exclude_bos: false``). If the dataset ends
+early the cache holds what the stream had (a warning says so).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from clt_lens.activations import HookSpec, collect_activations, validate_hooks
+from clt_lens.cache import writer
+from clt_lens.cache.format import (
+    CODECS,
+    DEFAULT_CODEC,
+    CacheError,
+    CacheManifest,
+    ShardEntry,
+    atomic_write_json,
+    config_hash,
+    encode_shard,
+    make_codec,
+)
+from clt_lens.config import ConfigError, config_to_dict
+
+# Keys that do not change shard contents: jobs may differ in them.
+_RUNTIME_KEYS = ("out_dir", "device", "batch_size", "progress")
+
+
+@dataclass
+class CacheConfig:
+    model: str = "embedded"  # "embedded", a local Hugging Face folder, or a model name
+    dataset: str = "embedded"  # see clt_lens.data
+    split: str = "train"
+    context_size: int | None = None  # default: the model's n_ctx
+    input_hook: str = "ln2.hook_normalized"
+    output_hook: str = "hook_mlp_out"
+    n_tokens: int = 1_000_000  # activation tokens wanted in the cache
+    shard_tokens: int = 16_384  # tokens per shard (rounded up to whole sequences)
+    batch_size: int = 32  # sequences per forward pass
+    codec: str = DEFAULT_CODEC  # fp32 | fp16 | bf16 | int8 | errbound
+    zstd_level: int = 3  # 0 = no zstd
+    target_fvu: float = 1e-3  # errbound: per-layer quantisation FVU bound
+    exclude_bos: bool = True
+    bos_token_id: int | None = None  # default: the tokenizer's BOS (else EOS) id
+    pad_token_id: int | None = None
+    out_dir: str = ""
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"  # model weights dtype
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.out_dir:
+            raise ConfigError("config key 'out_dir' is required (the cache directory to write)")
+        for key in ("n_tokens", "shard_tokens", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config key '{key}' must be positive, got {getattr(self, key)}")
+        if self.context_size is not None and self.context_size < 2:
+            raise ConfigError(f"config key 'context_size' must be >= 2, got {self.context_size}")
+        if self.codec not in CODECS:
+            raise ConfigError(f"config key 'codec': {self.codec!r} is not one of {sorted(CODECS)}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(
+                f"config key 'dtype': {self.dtype!r} is not one of float32, float16, bfloat16"
+            )
+        try:
+            self.make_codec()
+            HookSpec(self.input_hook, self.output_hook)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def make_codec(self) -> Any:
+        params: dict[str, Any] = {"zstd_level": self.zstd_level}
+        if self.codec == "errbound":
+            params["target_fvu"] = self.target_fvu
+        return make_codec(self.codec, **params)
+
+    @property
+    def hooks(self) -> HookSpec:
+        return HookSpec(self.input_hook, self.output_hook)
+
+    def content_dict(self) -> dict[str, Any]:
+        """The keys that determine the cache's bytes."""
+        d = config_to_dict(self)
+        for k in _RUNTIME_KEYS:
+            d.pop(k)
+        return d
+
+
+TokenSource = Callable[[CacheConfig, Any, int, int], Iterable[Tensor]]
+"""(cfg, model, context_size, chunk_sequences) -> LongTensor [n, context_size] batches, in the
+deterministic order of the packed stream (any chunking; the generator re-cuts into shards)."""
+
+
+def default_token_source(cfg: CacheConfig, model: Any, context_size: int, chunk: int
+                         ) -> Iterable[Tensor]:
+    from clt_lens.data import iter_token_batches
+
+    return iter_token_batches(
+        cfg.dataset, tokenizer=model.tokenizer, context_size=context_size, batch_size=chunk,
+        split=cfg.split, seed=cfg.seed,
+    )
+
+
+def _load_model(cfg: CacheConfig) -> Any:
+    from clt_lens.models import load_model
+
+    dtype = getattr(torch, cfg.dtype)
+    return load_model(cfg.model, device=cfg.device, dtype=dtype)
+
+
+def _model_id(model: Any, name: str) -> str:
+    try:
+        from clt_lens.models import model_id
+    except ImportError:  # models.py not available: identify by the config alone
+        return f"{name}@{config_hash(model.cfg.to_dict() if hasattr(model.cfg, 'to_dict') else {})}"
+    return model_id(model)
+
+
+def _shards_of_stream(tokens: Iterable[Tensor], plan: dict[str, Any]
+                      ) -> Iterator[tuple[int, Tensor, bool]]:
+    """Re-cut a stream of token batches into (shard index, sequences, complete) pieces."""
+    spp, n_seqs, ctx = plan["seqs_per_shard"], plan["n_sequences"], plan["context_size"]
+    pending: list[Tensor] = []
+    have = 0
+    k = 0
+    for batch in tokens:
+        if batch.ndim != 2 or batch.shape[1] != ctx:
+            raise CacheError(
+                f"token source yielded shape {tuple(batch.shape)}; expected [n, {ctx}]"
+            )
+        pending.append(batch)
+        have += batch.shape[0]
+        while k < plan["n_shards"]:
+            size = min(spp, n_seqs - k * spp)
+            if have < size:
+                break
+            allt = torch.cat(pending)
+            yield k, allt[:size], True
+            pending, have, k = [allt[size:]], have - size, k + 1
+        if k >= plan["n_shards"]:
+            return
+    if have and k < plan["n_shards"]:
+        yield k, torch.cat(pending), False
+
+
+def plan_for(cfg: CacheConfig, model: Any) -> dict[str, Any]:
+    ctx = cfg.context_size or int(model.cfg.n_ctx)
+    if ctx > model.cfg.n_ctx:
+        raise ConfigError(
+            f"config key 'context_size': {ctx} exceeds the model's context ({model.cfg.n_ctx})"
+        )
+    per_seq = ctx - 1 if cfg.exclude_bos else ctx
+    n_seqs = math.ceil(cfg.n_tokens / per_seq)
+    seqs_per_shard = min(n_seqs, max(1, math.ceil(cfg.shard_tokens / per_seq)))
+    return {
+        "context_size": ctx,
+        "n_layers": int(model.cfg.n_layers),
+        "d_model": int(model.cfg.d_model),
+        "n_sequences": n_seqs,
+        "seqs_per_shard": seqs_per_shard,
+        "n_shards": math.ceil(n_seqs / seqs_per_shard),
+        "codec": cfg.make_codec().config(),
+    }
+
+
+def _check_saved_config(out: Path, content: dict[str, Any], chash: str | None = None) -> None:
+    """Refuse to mix configs in one directory (content keys; with ``chash`` also the plan)."""
+    path = out / writer.CONFIG_NAME
+    if not path.is_file():
+        return
+    saved = writer.read_json(path, "cache config")
+    old = saved.get("config", {})
+    diffs = [f"{k}: {old.get(k)!r} -> {content.get(k)!r}" for k in sorted(set(old) | set(content))
+             if k not in _RUNTIME_KEYS and old.get(k) != content.get(k)]
+    if diffs:
+        raise CacheError(
+            f"{out} holds a cache generated with a different config ({'; '.join(diffs)}); "
+            "use another out_dir or delete this one"
+        )
+    if chash is not None and saved.get("config_hash") != chash:
+        raise CacheError(
+            f"{out} was generated with the same config but a different plan "
+            f"({saved.get('plan')} vs now); did the model {content['model']!r} change?"
+        )
+
+
+def generate_cache(
+    cfg: CacheConfig,
+    *,
+    job_index: int = 0,
+    num_jobs: int = 1,
+    model: Any = None,
+    token_source: TokenSource | None = None,
+) -> CacheManifest | None:
+    """Write this job's shards of the cache ``cfg`` describes; return the manifest if complete.
+
+    ``model`` (a HookedTransformer) and ``token_source`` replace ``clt_lens.models.load_model``
+    and ``clt_lens.data.iter_token_batches`` (tests, custom pipelines). The manifest is written
+    (and returned) when this job finishes and every shard of the plan exists; otherwise None.
+    """
+    if not (isinstance(num_jobs, int) and num_jobs >= 1 and 0 <= job_index < num_jobs):
+        raise ConfigError(f"need 0 <= job_index < num_jobs, got job {job_index} of {num_jobs}")
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    content = cfg.content_dict()
+    _check_saved_config(out, content)  # before loading the model
+    if model is None:
+        model = _load_model(cfg)
+    validate_hooks(model, cfg.hooks)
+    plan = plan_for(cfg, model)
+    chash = config_hash({"config": content, "plan": plan})
+    out.mkdir(parents=True, exist_ok=True)
+    _check_saved_config(out, content, chash)
+    mid = _model_id(model, cfg.model)
+    if not (out / writer.CONFIG_NAME).is_file():
+        atomic_write_json(out / writer.CONFIG_NAME,
+                          {"config": config_to_dict(cfg), "config_hash": chash, "plan": plan})
+
+    owned = [k for k in range(plan["n_shards"]) if k % num_jobs == job_index]
+    record = writer.JobRecord(out, job_index, num_jobs, config_hash=chash, model_id=mid)
+    done = _resume(out, record, owned, chash)
+    record.data["done"] = False
+    record.save()
+    todo = {k for k in owned if k not in done}
+
+    codec = cfg.make_codec()
+    spp, ctx = plan["seqs_per_shard"], plan["context_size"]
+    per_seq = ctx - 1 if cfg.exclude_bos else ctx
+    bar = _progress(cfg, len(todo) * spp * per_seq, job_index, num_jobs)
+    written = raw = 0
+    stream_shards = None
+    try:
+        if todo:
+            source = (token_source or default_token_source)(cfg, model, ctx, spp)
+            last = max(todo)
+            seen = -1
+            for k, toks, complete in _shards_of_stream(source, plan):
+                seen = k
+                if not complete:  # the stream ended inside this shard
+                    stream_shards = k + 1
+                if k in todo:
+                    entry = _write_one(out, k, toks, model, cfg, codec, mid, spp)
+                    record.add(k, entry)
+                    written += entry.nbytes
+                    raw += entry.n_tokens * plan["n_layers"] * plan["d_model"] * 4 * 2
+                    bar.update(entry.n_tokens)
+                    bar.set_postfix(MB=f"{written / 2**20:.1f}", ratio=f"{raw / written:.2f}x")
+                if k >= last:
+                    break
+            if seen < 0:
+                raise CacheError(f"dataset {cfg.dataset!r} (split {cfg.split!r}) yielded no "
+                                 "token sequences")
+            if seen < last and stream_shards is None:
+                stream_shards = seen + 1
+    finally:
+        bar.close()
+    if stream_shards is not None:
+        record.data["stream_shards"] = stream_shards
+        print(f"warning: dataset {cfg.dataset!r} ran out after {stream_shards} of "
+              f"{plan['n_shards']} planned shards; the cache will be smaller than n_tokens",
+              file=sys.stderr)
+    record.data["done"] = True
+    record.save()
+    try:
+        return writer.merge_cache(out)
+    except CacheError as e:
+        if num_jobs == 1:
+            raise
+        print(f"job {job_index} of {num_jobs} finished; not merged yet: {e}", file=sys.stderr)
+        return None
+
+
+def _resume(out: Path, record: writer.JobRecord, owned: list[int], chash: str) -> set[int]:
+    """Adopt finished shards (from any job's record for this config) whose checksum matches."""
+    for k in owned:  # a temp file is a shard whose write was interrupted: redo it
+        for tmp in out.glob(writer.shard_name(k) + "*.tmp"):
+            tmp.unlink(missing_ok=True)
+    done: set[int] = set()
+    known: dict[str, list[dict[str, Any]]] = {}
+    for r in writer.load_records(out):
+        if r.get("config_hash") != chash:
+            continue
+        if r.get("job_index") == record.data["job_index"] and \
+                r.get("num_jobs") == record.data["num_jobs"]:
+            record.data["stream_shards"] = r.get("stream_shards")
+        for key, entry in r["shards"].items():
+            known.setdefault(key, []).append(entry)
+    for k in owned:
+        for entry in known.get(str(k), []):
+            if writer.verified_entry(out, entry):
+                record.shards[str(k)] = entry
+                done.add(k)
+                break
+    return done
+
+
+def _write_one(out: Path, k: int, toks: Tensor, model: Any, cfg: CacheConfig, codec: Any,
+               mid: str, spp: int) -> ShardEntry:
+    xs, ys = [], []
+    for chunk in toks.split(cfg.batch_size):
+        x, y = collect_activations(
+            model, chunk, cfg.hooks, exclude_bos=cfg.exclude_bos, pad_token_id=cfg.pad_token_id,
+            bos_token_id=cfg.bos_token_id,
+        )
+        xs.append(x.cpu())
+        ys.append(y.cpu())
+    x, y = torch.cat(xs), torch.cat(ys)
+    info = {"shard": k, "seq_start": k * spp, "seq_end": k * spp + toks.shape[0],
+            "model_id": mid, "hooks": cfg.hooks.to_dict()}
+    chunks = encode_shard(x, y, codec, info)
+    name = writer.shard_name(k)
+    try:
+        nbytes, digest = writer.write_shard(out / name, chunks)
+    except OSError as e:
+        hint = " (disk full)" if e.errno == errno.ENOSPC else ""
+        raise OSError(
+            e.errno, f"writing shard {out / name} failed{hint}: {e.strerror or e}. Finished "
+            "shards are kept; re-run the same command to resume."
+        ) from e
+    tensors = chunks_header_fvu(chunks)
+    return ShardEntry(file=name, n_tokens=int(x.shape[0]), nbytes=nbytes, sha256=digest,
+                      seq_start=info["seq_start"], seq_end=info["seq_end"],
+                      fvu_x=tensors.get("x"), fvu_y=tensors.get("y"))
+
+
+def chunks_header_fvu(chunks: list[bytes]) -> dict[str, list[float]]:
+    import json
+
+    header = json.loads(chunks[2])
+    return {t: m["fvu"] for t, m in header["tensors"].items() if "fvu" in m}
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(cfg: CacheConfig, total: int, job_index: int, num_jobs: int) -> Any:
+    if not cfg.progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    desc = "cache" if num_jobs == 1 else f"cache job {job_index}/{num_jobs}"
+    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc, mininterval=1.0)
+
