@@ -1,0 +1,5 @@
+"""The error type of clt_lens.circuits (kept free of heavy imports so the viewer starts fast)."""
+
+
+class CircuitsError(ValueError):
+    """Bad input to export/attribution/viewer code; the message names the input."""

@@ -1,0 +1,208 @@
+"""Write a CLT as a circuit-tracer 0.5.0 transcoder set (the on-disk format its loaders read).
+
+Two layouts (REFERENCE.md section 3):
+
+- ``cross_layer``: ``config.yaml`` + per source layer i ``W_enc_{i}.safetensors`` (``W_enc_{i}``
+  [F, d], ``b_enc_{i}`` [F], ``b_dec_{i}`` [d], ``threshold_{i}`` [F] for JumpReLU) and
+  ``W_dec_{i}.safetensors`` (``W_dec_{i}`` [F, L-i, d]). Read by ``load_clt``.
+- ``per_layer``: ``config.yaml`` + ``layer_{i}.safetensors`` (``W_enc`` [F, d], ``W_dec`` [F, d],
+  ``b_enc``, ``b_dec``, ``activation_function.threshold``, ``W_skip`` [d, d] applied as
+  ``x @ W_skip.T``). Read by ``load_transcoder_set``.
+
+circuit-tracer encodes the raw hook activation (no normalisation, no b_dec subtraction), so the
+weights written are ``clt.folded_weights()``: activation scaling folded in, thresholds of the rule
+``a = pre * (pre > theta)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from clt_lens.circuits.errors import CircuitsError
+from clt_lens.circuits.loading import CONFIG_YAML, load_clt
+
+Layout = Literal["auto", "cross_layer", "per_layer"]
+LAYOUTS = ("auto", "cross_layer", "per_layer")
+
+
+def default_scan(clt: Any, model_name: str | None = None, source: str | Path | None = None) -> str:
+    """A readable identifier for the transcoders of a graph (circuit-tracer's ``scan``)."""
+    name = model_name or clt.cfg.metadata.model_name or "model"
+    kind = "clt" if clt.cfg.cross_layer else "plt"
+    tail = Path(source).name if source is not None else f"{kind}-{clt.cfg.d_sae}"
+    return _clean_scan(f"clt-lens/{name}/{tail}")
+
+
+def _clean_scan(scan: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._@/+-]", "_", scan)
+
+
+def resolve_layout(clt: Any, layout: Layout = "auto") -> Literal["cross_layer", "per_layer"]:
+    """The file layout ``clt`` is written in; raises for what circuit-tracer cannot load."""
+    if layout not in LAYOUTS:
+        raise CircuitsError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    cfg = clt.cfg
+    if cfg.activation == "topk":
+        raise CircuitsError(
+            "a TopK CLT cannot be exported: circuit-tracer 0.5.0 runs only ReLU and JumpReLU "
+            "transcoders. Convert it first with "
+            "clt_lens.clt.convert_topk_to_jumprelu(clt, x_sample)"
+        )
+    resolved = layout
+    if layout == "auto":
+        resolved = "cross_layer" if cfg.cross_layer else "per_layer"
+    if resolved == "per_layer" and cfg.cross_layer:
+        raise CircuitsError(
+            "layout 'per_layer' needs a per-layer transcoder (cfg.cross_layer=False): a per-layer "
+            "set cannot hold the cross-layer decoders of this CLT"
+        )
+    if resolved == "cross_layer" and cfg.skip:
+        raise CircuitsError(
+            "this CLT has a skip connection, which circuit-tracer 0.5.0's CLT loader never reads "
+            "(W_skip is not loaded from disk); only a per-layer transcoder (cross_layer=False) "
+            "with a skip can be exported, as layout 'per_layer'"
+        )
+    return resolved  # type: ignore[return-value]
+
+
+def circuit_tracer_tensors(
+    clt: Any, layout: Layout = "auto", dtype: torch.dtype = torch.float32
+) -> dict[str, dict[str, torch.Tensor]]:
+    """File name -> tensors of the circuit-tracer set for ``clt`` (CPU, contiguous, ``dtype``)."""
+    resolved = resolve_layout(clt, layout)
+    w = clt.folded_weights()
+    n_layers, n_feat, d = clt.cfg.n_layers, clt.cfg.d_sae, clt.cfg.d_in
+
+    def prep(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device="cpu", dtype=dtype).contiguous()
+
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for i in range(n_layers):
+        w_dec = w["W_dec"][i]  # [F, n_targets, d]
+        if resolved == "cross_layer":
+            if w_dec.shape[1] != n_layers - i:  # a PLT written as a CLT: zero off-diagonal blocks
+                full = torch.zeros(n_feat, n_layers - i, d, dtype=w_dec.dtype)
+                full[:, 0] = w_dec[:, 0].cpu()
+                w_dec = full
+            enc = {
+                f"W_enc_{i}": prep(w["W_enc"][i].T),
+                f"b_enc_{i}": prep(w["b_enc"][i]),
+                f"b_dec_{i}": prep(w["b_dec"][i]),
+            }
+            if w["threshold"] is not None:
+                enc[f"threshold_{i}"] = prep(w["threshold"][i])
+            files[f"W_enc_{i}.safetensors"] = enc
+            files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": prep(w_dec)}
+        else:
+            layer = {
+                "W_enc": prep(w["W_enc"][i].T),
+                "W_dec": prep(w_dec[:, 0]),
+                "b_enc": prep(w["b_enc"][i]),
+                "b_dec": prep(w["b_dec"][i]),
+            }
+            if w["threshold"] is not None:
+                layer["activation_function.threshold"] = prep(w["threshold"][i])
+            if w["W_skip"] is not None:
+                # ours: y += x @ W_skip[i]; circuit-tracer's per-layer skip: x @ W_skip.T
+                layer["W_skip"] = prep(w["W_skip"][i].T)
+            files[f"layer_{i}.safetensors"] = layer
+    return files
+
+
+def write_circuit_tracer_set(
+    clt_or_checkpoint_dir: Any,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    model_name: str | None = None,
+    layout: Layout = "auto",
+    scan: str | None = None,
+) -> Path:
+    """Write ``clt_or_checkpoint_dir`` as a circuit-tracer transcoder set in ``out_dir``.
+
+    ``layout`` "auto" writes a cross-layer CLT as ``cross_layer_transcoder`` and a per-layer CLT
+    (``cfg.cross_layer=False``) as ``transcoder_set``; "cross_layer" also accepts a per-layer
+    CLT (its decoders padded with zero blocks). The folder is built beside ``out_dir`` and renamed
+    into place; an existing ``out_dir`` is replaced only if it is a transcoder set itself.
+    Returns the absolute path of ``out_dir``.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CircuitsError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    out = Path(out_dir).expanduser().resolve()
+    replaceable = out.is_dir() and (not any(out.iterdir()) or (out / CONFIG_YAML).is_file())
+    if out.exists() and not replaceable:
+        raise CircuitsError(
+            f"out_dir {str(out)!r} exists and is not an (empty folder or a) circuit-tracer set; "
+            "refusing to replace it"
+        )
+    source = clt_or_checkpoint_dir if isinstance(clt_or_checkpoint_dir, str | Path) else None
+    clt = load_clt(clt_or_checkpoint_dir)
+    resolved = resolve_layout(clt, layout)
+    files = circuit_tracer_tensors(clt, resolved, dtype)
+    cfg = clt.cfg
+    model_name = model_name or cfg.metadata.model_name
+    config: dict[str, Any] = {
+        "model_kind": "cross_layer_transcoder" if resolved == "cross_layer" else "transcoder_set",
+        "feature_input_hook": cfg.input_hook,
+        "feature_output_hook": cfg.output_hook,
+        "scan": _clean_scan(scan) if scan else default_scan(clt, model_name, source),
+        "clt_lens": {
+            "n_layers": cfg.n_layers,
+            "d_model": cfg.d_in,
+            "d_transcoder": cfg.d_sae,
+            "activation": "relu" if clt.inference_threshold() is None else "jumprelu",
+            "source_activation": cfg.activation,
+            "cross_layer": cfg.cross_layer,
+            "skip": cfg.skip,
+            "dtype": str(dtype).removeprefix("torch."),
+            "source": str(Path(source).expanduser().resolve()) if source is not None else None,
+        },
+    }
+    if model_name:
+        config["model_name"] = model_name
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a set is meant to be shared
+        for name, tensors in files.items():
+            save_file(tensors, str(tmp / name))
+        with open(tmp / CONFIG_YAML, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an old ``target`` is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,408 @@
+"""``clt-lens serve DIR``: circuit-tracer's attribution-graph viewer on our graphs, offline.
+
+A small HTTP server (bound to 127.0.0.1 by default) that serves, read-only:
+
+- the viewer bundled with circuit-tracer (``circuit_tracer.frontend.local_server``'s
+  ``DEFAULT_FRONTEND_DIR``, straight from site-packages);
+- ``/data/graph-metadata.json`` and ``/graph_data/{slug}.json`` from DIR (what
+  ``clt-lens attribute --out DIR`` writes);
+- the feature pages written by ``clt_lens.circuits.viewer_data`` under
+  ``DIR/features/{scan}/``, as ``/feature_data/{scan}/{feature}.json``.
+
+The viewer fetches a feature page from a remote host unless the graph's ``scan`` starts with
+``./`` (``loadFeature`` in ``feature_examples/init-feature-examples.js``). When DIR holds pages
+for a graph's scan, the graph JSON is served with ``metadata.scan`` set to
+``./feature_data/{scan}``; files on disk keep the real scan (Neuronpedia uploads need it).
+
+The viewer page loads d3 v7, a d3-jetpack build, dagre and pako from CDNs. Offline, d3, dagre and
+pako come from a local folder (``--js-dir``, ``$CLT_LENS_VIEWER_JS``, or the user cache that
+``clt-lens serve --install-js`` fills from the npm registry), jetpack's helpers from
+``clt_lens.circuits.viewer_compat``, and the served ``index.html`` points at ``/vendor/...``.
+The frontend's "Save" button (POST ``/save_graph/{slug}``) stores the view state in the graph
+JSON, as circuit-tracer's own server does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from clt_lens.circuits.errors import CircuitsError
+from clt_lens.circuits.viewer_data import FEATURES_SUBDIR, INDEX_FILE, scan_dirname
+
+DEFAULT_PORT = 8032
+DEFAULT_HOST = "127.0.0.1"
+LOCAL_SCAN_PREFIX = "./feature_data/"
+MAX_POST_BYTES = 16 * 1024 * 1024
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+# The viewer's third-party scripts: local file name, npm package, file inside it, sha256.
+VIEWER_JS = {
+    "d3.min.js": ("d3@7.9.2", "package/dist/d3.min.js",
+                  "912111098ea99503a6f4967361d2bbdc9dbf58cf9c678c8e27e5b02d1a07f0c1"),
+    "dagre.min.js": ("dagre@0.8.5", "package/dist/dagre.min.js",
+                     "62eb9787ccfdbdf4148d4d99d31dbf9ee4770eafee81e637d759b52aac22cd51"),
+    "pako.min.js": ("pako@2.1.0", "package/dist/pako.min.js",
+                    "ede2693a4a6a5126b9d35669062b358ecab6ae7b9b86a1cf302feb45a8514907"),
+}
+JETPACK_COMPAT = "jetpack-compat.js"  # ours, from clt_lens.circuits.viewer_compat
+# CDN script (by file name) -> local replacement; None drops it (hotserver is a dev live-reload
+# client, npy is only used for .npy data we never write).
+_CDN_SCRIPTS: dict[str, str | None] = {
+    "d3.js": "d3.min.js",
+    "jetpack": JETPACK_COMPAT,
+    "hotserver-client-ws.js": None,
+    "npy_v0.js": None,
+    "dagre.min.js": "dagre.min.js",
+    "pako.min.js": "pako.min.js",
+}
+_SCRIPT_TAG = re.compile(r"""<script\s+src=['"](https?://[^'"]+)['"]\s*>\s*</script>\s*\n?""")
+
+
+def frontend_dir() -> Path:
+    """circuit-tracer's bundled viewer (read-only)."""
+    from circuit_tracer.frontend.local_server import DEFAULT_FRONTEND_DIR
+
+    return Path(str(DEFAULT_FRONTEND_DIR))
+
+
+def default_js_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "clt_lens" / "viewer-js"
+
+
+def find_viewer_js(js_dir: str | Path | None = None) -> Path | None:
+    """The first folder holding every file of ``VIEWER_JS``: ``js_dir``, then
+    ``$CLT_LENS_VIEWER_JS``, then the user cache. An explicit ``js_dir`` must be complete."""
+    if js_dir is not None:
+        d = Path(js_dir).expanduser()
+        missing = [n for n in VIEWER_JS if not (d / n).is_file()]
+        if missing:
+            raise CircuitsError(f"--js-dir {str(d)!r} lacks {missing}; fill it with "
+                                "'clt-lens serve --install-js --js-dir DIR'")
+        return d.resolve()
+    for cand in (os.environ.get("CLT_LENS_VIEWER_JS"), default_js_dir()):
+        if cand and all((Path(cand) / n).is_file() for n in VIEWER_JS):
+            return Path(cand).resolve()
+    return None
+
+
+def install_viewer_js(dest: str | Path | None = None, *, npm: str = "npm") -> Path:
+    """Fetch the viewer's scripts from the npm registry (``npm pack``) into ``dest``.
+
+    Only the pinned files (and each package's LICENSE) are extracted; their sha256 is checked.
+    """
+    dest = Path(dest).expanduser() if dest is not None else default_js_dir()
+    exe = shutil.which(npm)
+    if exe is None:
+        raise CircuitsError(f"{npm!r} not found: install Node.js/npm, or put {list(VIEWER_JS)} "
+                            "in a folder and pass --js-dir")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="clt-lens-js-") as tmp:
+        for name, (spec, member, sha) in VIEWER_JS.items():
+            proc = subprocess.run([exe, "pack", spec, "--silent"], cwd=tmp, capture_output=True,
+                                  text=True, timeout=600)
+            if proc.returncode != 0:
+                raise CircuitsError(f"npm pack {spec} failed: {proc.stderr.strip()[-500:]}")
+            tarball = Path(tmp) / proc.stdout.strip().splitlines()[-1]
+            with tarfile.open(tarball) as tar:
+                data = _read_member(tar, member)
+                licence = _read_member(tar, "package/LICENSE", required=False)
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise CircuitsError(f"{spec}:{member} does not have the expected sha256")
+            (dest / name).write_bytes(data)
+            if licence is not None:
+                (dest / f"LICENSE-{spec.split('@')[0]}").write_bytes(licence)
+    return dest.resolve()
+
+
+def _read_member(tar: tarfile.TarFile, member: str, required: bool = True) -> bytes | None:
+    try:
+        f = tar.extractfile(member)
+    except KeyError:
+        f = None
+    if f is None:
+        if required:
+            raise CircuitsError(f"{member} not found in the npm package")
+        return None
+    return f.read()
+
+
+def local_index_html(html: str) -> str:
+    """``index.html`` with its CDN scripts pointed at ``/vendor/`` (or dropped)."""
+
+    def repl(m: re.Match[str]) -> str:
+        url = m.group(1)
+        base = url.rsplit("/", 1)[-1]
+        for key, local in _CDN_SCRIPTS.items():
+            if base == key or (key == "jetpack" and base.startswith("jetpack")):
+                return "" if local is None else f"<script src='./vendor/{local}'></script>\n"
+        return m.group(0)
+
+    return _SCRIPT_TAG.sub(repl, html)
+
+
+class ViewerHandler(http.server.SimpleHTTPRequestHandler):
+    """Static viewer files from site-packages plus our graph, feature and script routes."""
+
+    server: ViewerHTTPServer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, directory=str(frontend_dir()), **kwargs)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    # Read-only: no PUT/DELETE; POST only for the viewer's save_graph.
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        if path in ("/", "/index.html"):
+            return self._index()
+        if path == "/favicon.ico":  # none bundled; answer so browsers log no error
+            self.send_response(204)
+            self.end_headers()
+            return None
+        parts = [p for p in path.split("/") if p]
+        if len(parts) == 2 and parts[0] in ("data", "graph_data"):
+            return self._graph_file(parts[1])
+        if len(parts) == 3 and parts[0] == "feature_data":
+            return self._feature(parts[1], parts[2])
+        if len(parts) == 2 and parts[0] == "vendor":
+            return self._vendor(parts[1])
+        return super().do_GET()
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        parts = [p for p in path.split("/") if p]
+        if len(parts) != 2 or parts[0] != "save_graph":
+            return self.send_error(404)
+        target = self._data_file(f"{parts[1]}.json")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if target is None or not target.is_file():
+            return self.send_error(404, "unknown graph")
+        if not 0 < length <= MAX_POST_BYTES:
+            return self.send_error(413)
+        try:
+            q_params = json.loads(self.rfile.read(length))["qParams"]
+        except (ValueError, KeyError, TypeError):
+            return self.send_error(400, "expected JSON with qParams")
+        with self.server.save_lock:  # one read-modify-write of a graph file at a time
+            graph = json.loads(target.read_text())
+            graph["qParams"] = q_params
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(graph, indent=1))
+            os.replace(tmp, target)
+        self._send(b"{}", "application/json")
+
+    # -- routes ---------------------------------------------------------------------------
+    def _index(self) -> None:
+        html = (frontend_dir() / "index.html").read_text(encoding="utf-8")
+        if self.server.js_dir is not None:
+            html = local_index_html(html)
+        self._send(html.encode(), "text/html; charset=utf-8")
+
+    def _data_file(self, name: str) -> Path | None:
+        if not _NAME.match(name):
+            return None
+        return self.server.data_dir / name
+
+    def _graph_file(self, name: str) -> None:
+        path = self._data_file(name)
+        if path is None or not path.is_file() or not name.endswith(".json"):
+            return self.send_error(404)
+        raw = path.read_bytes()
+        if name != "graph-metadata.json":
+            raw = self._localise_scan(raw)
+        self._send(raw, "application/json")
+
+    def _localise_scan(self, raw: bytes) -> bytes:
+        try:
+            data = json.loads(raw)
+            scan = data["metadata"]["scan"]
+        except (ValueError, KeyError, TypeError):
+            return raw
+        if not isinstance(scan, str) or scan.startswith("./"):
+            return raw
+        folder = scan_dirname(scan)
+        if not (self.server.data_dir / FEATURES_SUBDIR / folder / INDEX_FILE).is_file():
+            return raw
+        data["metadata"]["scan"] = LOCAL_SCAN_PREFIX + folder
+        return json.dumps(data).encode()
+
+    def _feature(self, folder: str, name: str) -> None:
+        if not (_NAME.match(folder) and _NAME.match(name) and name.endswith(".json")):
+            return self.send_error(404)
+        path = self.server.data_dir / FEATURES_SUBDIR / folder / name
+        if path.is_file():
+            return self._send(path.read_bytes(), "application/json")
+        # The viewer shows "failed to load" for a dead page instead of throwing.
+        stem = name[: -len(".json")]
+        stub = {"index": int(stem) if stem.isdigit() else stem, "isDead": True,
+                "examples_quantiles": [], "top_logits": [], "bottom_logits": []}
+        self._send(json.dumps(stub).encode(), "application/json")
+
+    def _vendor(self, name: str) -> None:
+        js_dir = self.server.js_dir
+        if name == JETPACK_COMPAT:
+            from clt_lens.circuits.viewer_compat import JETPACK_COMPAT_JS
+
+            return self._send(JETPACK_COMPAT_JS.encode(), "text/javascript; charset=utf-8")
+        if js_dir is None or name not in VIEWER_JS:
+            return self.send_error(404)
+        self._send((js_dir / name).read_bytes(), "text/javascript; charset=utf-8")
+
+    def _send(self, body: bytes, ctype: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class ViewerHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], data_dir: Path, js_dir: Path | None,
+                 verbose: bool = False) -> None:
+        self.data_dir = data_dir
+        self.js_dir = js_dir
+        self.verbose = verbose
+        self.save_lock = threading.Lock()
+        super().__init__(address, ViewerHandler)
+
+
+class ViewerServer:
+    """A running viewer; ``stop()`` (or leaving a ``with`` block) shuts it down."""
+
+    def __init__(self, httpd: ViewerHTTPServer, thread: threading.Thread | None) -> None:
+        self.httpd = httpd
+        self.thread = thread
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+    def __enter__(self) -> ViewerServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def check_data_dir(data_dir: str | Path) -> Path:
+    d = Path(data_dir).expanduser().resolve()
+    if not d.is_dir():
+        raise CircuitsError(f"graph directory {str(d)!r} does not exist")
+    meta = d / "graph-metadata.json"
+    if not meta.is_file():
+        raise CircuitsError(f"{str(d)!r} has no graph-metadata.json: write graphs into it with "
+                            "'clt-lens attribute --out DIR' first")
+    try:
+        graphs = json.loads(meta.read_text()).get("graphs")
+    except ValueError as e:
+        raise CircuitsError(f"{meta} is not valid JSON: {e}") from e
+    if not graphs:
+        raise CircuitsError(f"{meta} lists no graphs")
+    return d
+
+
+def serve(
+    data_dir: str | Path,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    js_dir: str | Path | None = None,
+    background: bool = True,
+    verbose: bool = False,
+) -> ViewerServer:
+    """Start the viewer on ``data_dir``. ``port=0`` picks a free port (see ``.url``).
+
+    With ``background`` the server runs in a daemon thread and this returns at once; otherwise
+    it serves in this thread until interrupted.
+    """
+    d = check_data_dir(data_dir)
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise CircuitsError(f"port must be in 0..65535, got {port!r}")
+    httpd = ViewerHTTPServer((host, port), d, find_viewer_js(js_dir), verbose)
+    if not background:
+        server = ViewerServer(httpd, None)
+        try:
+            httpd.serve_forever()
+        finally:
+            httpd.server_close()
+        return server
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True, name="clt-lens-viewer")
+    thread.start()
+    return ViewerServer(httpd, thread)
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", nargs="?", help="folder of graphs written by 'clt-lens attribute'")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="interface to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--js-dir", default=None,
+                        help="folder with the viewer's scripts for offline use "
+                        f"({', '.join(VIEWER_JS)}); default: $CLT_LENS_VIEWER_JS or "
+                        f"{default_js_dir()}")
+    parser.add_argument("--install-js", action="store_true",
+                        help="fetch those scripts from the npm registry first (needs npm)")
+    parser.add_argument("--verbose", action="store_true", help="log every request")
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise CircuitsError(f"unknown arguments {extra}")
+    if args.install_js:
+        where = install_viewer_js(args.js_dir)
+        print(f"viewer scripts installed in {where}")
+        if args.dir is None:
+            return 0
+    if args.dir is None:
+        raise CircuitsError("give the graph folder: clt-lens serve DIR")
+    d = check_data_dir(args.dir)
+    js = find_viewer_js(args.js_dir)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding {args.host} serves {d} to other machines", file=sys.stderr)
+    if js is None:
+        print("note: no local viewer scripts (d3, dagre, pako): the page loads them from CDNs. "
+              "Offline, run 'clt-lens serve --install-js' once.", file=sys.stderr)
+    url_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+    print(f"serving {d} at http://{url_host}:{args.port}/  (Ctrl-C stops)", flush=True)
+    try:
+        serve(d, host=args.host, port=args.port, js_dir=args.js_dir, background=False,
+              verbose=args.verbose)
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        raise CircuitsError(f"cannot listen on {args.host}:{args.port}: {e}") from e
+    return 0
