@@ -16,6 +16,10 @@ Accepted ``name_or_path``:
 
 Only safetensors weights are read from local folders: ``pytorch_model.bin`` is a pickle, and
 unpickling a file from elsewhere can run code.
+
+``SUPPORTED`` lists the families whose whole path (load -> collect -> train -> circuit-tracer
+export -> attribution) is verified, with their default CLT hooks; ``default_hooks`` /
+``resolve_hooks`` turn a hook setting of ``"auto"`` into those names.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,8 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained import weight_conversions as wc
+
+from clt_lens.activations import HookSpec
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded"
 EMBEDDED_NAME = "embedded"
@@ -66,6 +73,11 @@ _MAX_CTX = 2048
 
 class ModelLoadError(ValueError):
     """The model could not be loaded; the message names the input and what is accepted."""
+
+
+class UnsupportedFamilyError(ModelLoadError):
+    """The model's family has no verified default hooks, or circuit-tracer cannot attribute
+    through it; the message names the family and the supported ones."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,6 +325,14 @@ def _official_name(name: str) -> str | None:
 def _load_official(
     official: str, name: str, *, device: str | torch.device, dtype: torch.dtype
 ) -> HookedTransformer:
+    family = _family_of_official(official)
+    if family in _NOT_DECODERS:
+        raise UnsupportedFamilyError(
+            f"model {name!r} ({official}) is a {_NOT_DECODERS[family]}, not a decoder-only "
+            "language model: a CLT reads the MLPs of a HookedTransformer. Supported families: "
+            f"{sorted(SUPPORTED)} (other decoder-only TransformerLens models load, but need "
+            "explicit input_hook/output_hook)"
+        )
     try:
         return HookedTransformer.from_pretrained_no_processing(official, device=device, dtype=dtype)
     except OSError as e:  # the hub is unreachable and the model is not in the local HF cache
@@ -466,7 +486,11 @@ def model_id(model: HookedTransformer | HookedTransformerConfig) -> str:
 
 def model_family(model_or_cfg: Any) -> str:
     """The family key (``"gpt2"``, ``"llama"``, ``"gemma2"`` ...) of a model, its TransformerLens
-    config, a config dict, or a Hugging Face config; ``"unknown"`` when it is none we know."""
+    config, a config dict, a Hugging Face config, or a ``load_model`` name/path (read without
+    loading weights: ``config.json`` of a folder, the name of an official model);
+    ``"unknown"`` when it is none we know."""
+    if isinstance(model_or_cfg, str | Path):
+        return _family_of_name(str(model_or_cfg))
     cfg = _cfg_of(model_or_cfg)
     if isinstance(cfg, dict):
         arch = cfg.get("original_architecture")
@@ -483,12 +507,221 @@ def model_family(model_or_cfg: Any) -> str:
     return "unknown"
 
 
+# Official TransformerLens names -> family, so a name is checked before any download. Names
+# matching none are classified once the model is loaded (from its original_architecture).
+_OFFICIAL_FAMILY_PATTERNS = (
+    (re.compile(r"(gpt2|distilgpt2)(-|$)|stanford-crfm/"), "gpt2"),
+    (re.compile(r"EleutherAI/(pythia|gpt-neox)-"), "gpt_neox"),
+    (re.compile(r"google/gemma-2-"), "gemma2"),
+    (re.compile(r"meta-llama/|llama-\d|codellama/"), "llama"),
+    (re.compile(r"Qwen/Qwen(1\.5|2|2\.5)-"), "qwen2"),  # Qwen1.5 is Qwen2ForCausalLM
+    (re.compile(r"Qwen/Qwen3-"), "qwen3"),
+    # families TransformerLens runs that are not verified here: named so that "auto" hooks
+    # fail before a download
+    (re.compile(r"mistralai/Mistral"), "mistral"),
+    (re.compile(r"mistralai/Mixtral"), "mixtral"),
+    (re.compile(r"google/(gemma-3|medgemma)"), "gemma3"),
+    (re.compile(r"google/gemma-\d+b"), "gemma"),
+    (re.compile(r"microsoft/(phi-[12]|phi-1_5)"), "phi"),
+    (re.compile(r"microsoft/(Phi-3|phi-4)"), "phi3"),
+    (re.compile(r"allenai/OLMo-2|allenai/Olmo-3"), "olmo2"),
+    (re.compile(r"allenai/OLMo-"), "olmo"),
+    (re.compile(r"bigscience/bloom"), "bloom"),
+    (re.compile(r"facebook/opt-"), "opt"),
+    (re.compile(r"EleutherAI/gpt-neo-|roneneldan/TinyStories"), "gpt_neo"),
+    (re.compile(r"EleutherAI/gpt-j"), "gptj"),
+    (re.compile(r"google-bert/"), "bert"),
+    (re.compile(r"google-t5/"), "t5"),
+    (re.compile(r"facebook/(hubert|wav2vec2)"), "speech"),
+)
+# Official names TransformerLens lists that are not decoder-only language models.
+_NOT_DECODERS = {
+    "bert": "BERT encoder (TransformerLens HookedEncoder)",
+    "t5": "T5 encoder-decoder (TransformerLens HookedEncoderDecoder)",
+    "speech": "speech encoder",
+}
+
+
+def _family_of_official(official: str) -> str:
+    for pattern, family in _OFFICIAL_FAMILY_PATTERNS:
+        if pattern.match(official):
+            return family
+    return "unknown"
+
+
+def _family_of_name(name: str) -> str:
+    if name == EMBEDDED_NAME:
+        return "gpt2"  # the embedded model is a GPT2LMHeadModel folder
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return "unknown"
+        return model_type if isinstance(model_type, str) and model_type else "unknown"
+    official = _official_name(name)
+    return _family_of_official(official) if official is not None else "unknown"
+
+
+# ----------------------------------------------------------------------------------------------
+# Supported families and their default CLT hooks
+
+AUTO_HOOK = "auto"  # a TrainConfig/CacheConfig hook set to this takes the family default
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilySupport:
+    """A family whose whole path (load, collect, train, export, attribute) is verified."""
+
+    family: str
+    input_hook: str  # block-relative TransformerLens hook the CLT reads
+    output_hook: str  # block-relative hook whose activation the CLT reconstructs
+    attribution: bool  # circuit-tracer 0.5.0 builds correct attribution graphs through it
+    note: str
+
+    @property
+    def hooks(self) -> HookSpec:
+        return HookSpec(self.input_hook, self.output_hook)
+
+
+# Every family here reads ln2.hook_normalized and writes hook_mlp_out. Both are real hook points
+# of a plain HookedTransformer, so splicing and evaluation hook them directly, and they are the
+# names circuit-tracer's TransformerLens backend resolves on its ReplacementModel. The notes say
+# what the two hooks are in each block layout.
+SUPPORTED: dict[str, FamilySupport] = {
+    f.family: f
+    for f in (
+        FamilySupport(
+            "gpt2", "ln2.hook_normalized", "hook_mlp_out", True,
+            "LayerNorm; input is the centred, scaled residual before ln2's w/b",
+        ),
+        FamilySupport(
+            "llama", "ln2.hook_normalized", "hook_mlp_out", True,
+            "RMSNorm; input is resid_mid / rms before ln2's weight (the MLP reads it times "
+            "ln2.w, a fixed per-dimension scale the encoder absorbs)",
+        ),
+        FamilySupport(
+            "qwen2", "ln2.hook_normalized", "hook_mlp_out", True,
+            "as llama (RMSNorm, gated MLP)",
+        ),
+        FamilySupport(
+            "qwen3", "ln2.hook_normalized", "hook_mlp_out", True,
+            "as llama; the q/k norms only shape attention patterns",
+        ),
+        FamilySupport(
+            "gemma2", "ln2.hook_normalized", "hook_mlp_out", True,
+            "RMSNorm before and after the MLP; hook_mlp_out is after ln2_post, i.e. what the MLP "
+            "adds to the residual stream (mlp.hook_out would be before ln2_post); the hooks of "
+            "Gemma Scope and of circuit-tracer's Gemma-2 mapping",
+        ),
+        FamilySupport(
+            "gpt_neox", "ln2.hook_normalized", "hook_mlp_out", True,
+            "LayerNorm; parallel attention + MLP: ln2 reads resid_pre (there is no "
+            "hook_resid_mid), hook_mlp_out is added to resid_post beside the attention output",
+        ),
+    )
+}
+
+
+def _family_key(model_or_family: Any) -> str:
+    if isinstance(model_or_family, str) and model_or_family in SUPPORTED:
+        return model_or_family
+    return model_family(model_or_family)
+
+
+def _custom_cfg(model_or_cfg: Any) -> HookedTransformerConfig | None:
+    """The config of a HookedTransformer built straight from a config (no original_architecture:
+    TransformerLens's standard block), else None."""
+    cfg = _cfg_of(model_or_cfg)
+    if isinstance(cfg, HookedTransformerConfig) and cfg.original_architecture is None:
+        return cfg
+    return None
+
+
+def _block_problem(cfg: HookedTransformerConfig) -> str | None:
+    """Why the standard hooks do not fit a custom model's blocks, or None if they do."""
+    if cfg.attn_only:
+        return "has no MLPs (attn_only=True), so there is nothing for a CLT to replace"
+    if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
+        return (f"has normalization_type={cfg.normalization_type!r}, so there is no "
+                "ln2.hook_normalized to read")
+    return None
+
+
+def _unsupported(family: str, what: str) -> UnsupportedFamilyError:
+    return UnsupportedFamilyError(
+        f"model family {family!r} {what}; supported families: {sorted(SUPPORTED)}. A model of "
+        "another family can still be trained on with explicit input_hook and output_hook "
+        "(block-relative TransformerLens names such as 'ln2.hook_normalized', 'hook_mlp_out')"
+    )
+
+
+def default_hooks(model_or_family: Any) -> HookSpec:
+    """The CLT hooks for a family key, a model, its config, or a ``load_model`` name/path.
+
+    Raises ``UnsupportedFamilyError`` (naming the family and the supported ones) for a family
+    without verified defaults. A HookedTransformer built from a bare config (TransformerLens's
+    standard pre-norm block) gets the standard hooks if it has MLPs and a norm before them.
+    """
+    family = _family_key(model_or_family)
+    if family in SUPPORTED:
+        return SUPPORTED[family].hooks
+    custom = _custom_cfg(model_or_family) if family == "unknown" else None
+    if custom is None:
+        if family == "unknown" and isinstance(model_or_family, str | Path):
+            family = f"unknown (model {str(model_or_family)!r})"
+        raise _unsupported(family, "has no verified default CLT hooks")
+    problem = _block_problem(custom)
+    if problem is not None:
+        raise _unsupported(f"custom ({custom.model_name})", problem)
+    return HookSpec()
+
+
+def resolve_hooks(
+    model_or_name: Any, input_hook: str = AUTO_HOOK, output_hook: str = AUTO_HOOK
+) -> HookSpec:
+    """``HookSpec(input_hook, output_hook)`` with each ``"auto"`` replaced by the family default
+    (``default_hooks``); explicit names are kept as given and not checked against the family."""
+    if input_hook != AUTO_HOOK and output_hook != AUTO_HOOK:
+        return HookSpec(input_hook, output_hook)
+    auto = default_hooks(model_or_name)
+    return HookSpec(
+        auto.input_hook if input_hook == AUTO_HOOK else input_hook,
+        auto.output_hook if output_hook == AUTO_HOOK else output_hook,
+    )
+
+
+def check_attribution_support(model: Any) -> str:
+    """The family of ``model`` if circuit-tracer attribution through it is verified; otherwise
+    ``UnsupportedFamilyError`` naming the family and the supported ones."""
+    family = model_family(model)
+    if family in SUPPORTED and SUPPORTED[family].attribution:
+        return family
+    custom = _custom_cfg(model) if family == "unknown" else None
+    if custom is not None and _block_problem(custom) is None:
+        return "custom"
+    cfg = _cfg_of(model)
+    name = getattr(cfg, "model_name", None) or str(model)
+    verified = sorted(f for f, s in SUPPORTED.items() if s.attribution)
+    raise UnsupportedFamilyError(
+        f"model {name!r} is of family {family!r}: circuit-tracer attribution is verified only "
+        f"for the families {verified} (and HookedTransformers built from a standard config)"
+    )
+
+
 __all__ = [
+    "AUTO_HOOK",
     "EMBEDDED_DIR",
     "FAMILIES",
+    "SUPPORTED",
+    "FamilySupport",
     "ModelFamily",
     "ModelLoadError",
+    "UnsupportedFamilyError",
+    "check_attribution_support",
+    "default_hooks",
     "load_model",
     "model_family",
     "model_id",
+    "resolve_hooks",
 ]

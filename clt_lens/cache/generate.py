@@ -19,7 +19,7 @@ import errno
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,10 @@ class CacheConfig:
     dataset: str = "embedded"  # see clt_lens.data
     split: str = "train"
     context_size: int | None = None  # default: the model's n_ctx
-    input_hook: str = "ln2.hook_normalized"
-    output_hook: str = "hook_mlp_out"
+    # "auto": the model family's default (clt_lens.models.SUPPORTED), resolved before anything is
+    # written, so config.json and the manifest hold the real names.
+    input_hook: str = "auto"
+    output_hook: str = "auto"
     n_tokens: int = 1_000_000  # activation tokens wanted in the cache
     shard_tokens: int = 16_384  # tokens per shard (rounded up to whole sequences)
     batch_size: int = 32  # sequences per forward pass
@@ -221,6 +223,7 @@ def generate_cache(
     if not (isinstance(num_jobs, int) and num_jobs >= 1 and 0 <= job_index < num_jobs):
         raise ConfigError(f"need 0 <= job_index < num_jobs, got job {job_index} of {num_jobs}")
     cfg.validate()
+    cfg, model = _resolve_auto_hooks(cfg, model)
     out = Path(cfg.out_dir)
     content = cfg.content_dict()
     _check_saved_config(out, content)  # before loading the model
@@ -288,6 +291,20 @@ def generate_cache(
             raise
         print(f"job {job_index} of {num_jobs} finished; not merged yet: {e}", file=sys.stderr)
         return None
+
+
+def _resolve_auto_hooks(cfg: CacheConfig, model: Any) -> tuple[CacheConfig, Any]:
+    """Replace "auto" hooks by the family defaults: from the model name when it tells the family
+    (no loading), else from the loaded model."""
+    from clt_lens.models import AUTO_HOOK, model_family, resolve_hooks
+
+    if AUTO_HOOK not in (cfg.input_hook, cfg.output_hook):
+        return cfg, model
+    if model is None and model_family(cfg.model) == "unknown":
+        model = _load_model(cfg)
+    hooks = resolve_hooks(model if model is not None else cfg.model,
+                          cfg.input_hook, cfg.output_hook)
+    return replace(cfg, input_hook=hooks.input_hook, output_hook=hooks.output_hook), model
 
 
 def _resume(out: Path, record: writer.JobRecord, owned: list[int], chash: str) -> set[int]:

@@ -31,7 +31,7 @@ from clt_lens.circuits.errors import CircuitsError
 from clt_lens.circuits.export import default_scan, write_circuit_tracer_set
 from clt_lens.circuits.graph_json import add_clerps, feature_nodes, fix_error_node_ids
 from clt_lens.circuits.loading import clt_summary, is_transcoder_set_dir, load_clt, load_transcoders
-from clt_lens.circuits.replacement import build_replacement_model, is_model_hook
+from clt_lens.circuits.replacement import build_replacement_model, check_family, is_model_hook
 
 OFFLOAD_CHOICES = (None, "cpu", "disk")
 _SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -139,6 +139,7 @@ def _check_args(
 
 def _check_fit(summary: dict[str, Any], model: Any, what: str) -> None:
     cfg = model.cfg
+    check_family(model)
     if summary["n_layers"] != cfg.n_layers:
         raise CircuitsError(
             f"{what} has {summary['n_layers']} layers but model {cfg.model_name!r} has "

@@ -39,6 +39,16 @@ def is_model_hook(model: Any, hook: str) -> bool:
     return hook in ("mlp.hook_in", "mlp.hook_out") or f"blocks.0.{hook}" in model.hook_dict
 
 
+def check_family(model: Any) -> None:
+    """CircuitsError unless circuit-tracer attribution through the model's family is verified."""
+    from clt_lens.models import UnsupportedFamilyError, check_attribution_support
+
+    try:
+        check_attribution_support(model)
+    except UnsupportedFamilyError as e:
+        raise CircuitsError(str(e)) from None
+
+
 def check_transcoders_fit(model: Any, transcoders: Any) -> None:
     """Raise CircuitsError unless ``transcoders`` (circuit-tracer objects) fit ``model``."""
     cfg = model.cfg
@@ -81,6 +91,7 @@ def build_replacement_model(model: Any, transcoders: Any, *, check_logits: bool 
         raise CircuitsError(f"model must be a transformer_lens.HookedTransformer, got "
                             f"{type(model).__name__}")
     cfg = model.cfg
+    check_family(model)
     if cfg.normalization_type not in _NORMALIZATIONS:
         raise CircuitsError(
             f"model normalization_type={cfg.normalization_type!r}: circuit-tracer freezes "

@@ -21,8 +21,11 @@ class TrainConfig:
     split: str = "train"
     heldout_split: str = "heldout"
     context_size: int | None = None  # default: the model's n_ctx
-    input_hook: str = "ln2.hook_normalized"
-    output_hook: str = "hook_mlp_out"
+    # Block-relative hook names; "auto" = the model family's default (clt_lens.models.SUPPORTED:
+    # ln2.hook_normalized / hook_mlp_out for every supported family), or a cache's own hooks.
+    # The resolved names are what checkpoints and train_config.json record.
+    input_hook: str = "auto"
+    output_hook: str = "auto"
     cache_dir: str | None = None  # read a clt-lens activation cache instead of streaming
     heldout_cache_dir: str | None = None
     stream_sequences_per_refill: int = 64  # streaming: sequences per model forward + shuffle

@@ -109,8 +109,7 @@ class StreamSource:
         split: str | None = None,
         seed: int | None = None,
     ) -> None:
-        from clt_lens.activations import HookSpec
-        from clt_lens.models import load_model, model_id
+        from clt_lens.models import load_model, model_id, resolve_hooks
 
         self.cfg = cfg
         self.batch_size = batch_size
@@ -118,13 +117,13 @@ class StreamSource:
         self.split = split or cfg.split
         self.seed = cfg.seed if seed is None else seed
         self.model = model if model is not None else load_model(cfg.model, device=cfg.device)
-        self.hooks = HookSpec(cfg.input_hook, cfg.output_hook)
+        self.hooks = resolve_hooks(self.model, cfg.input_hook, cfg.output_hook)
         self.context_size = cfg.context_size or self.model.cfg.n_ctx
         self.info = SourceInfo(
             model_id=model_id(self.model),
             model_name=cfg.model,
-            input_hook=cfg.input_hook,
-            output_hook=cfg.output_hook,
+            input_hook=self.hooks.input_hook,
+            output_hook=self.hooks.output_hook,
             n_layers=self.model.cfg.n_layers,
             d_model=self.model.cfg.d_model,
             context_size=self.context_size,

@@ -64,6 +64,15 @@ def build_clt(cfg: TrainConfig, info: SourceInfo, d_sae: int | None = None, devi
     return CrossLayerTranscoder(clt_cfg)
 
 
+def _check_auto_hooks_by_name(cfg: TrainConfig) -> None:
+    """Fail on "auto" hooks for a family without defaults before its model is loaded, when the
+    name tells the family (a local folder's config.json, a known hub name)."""
+    from clt_lens.models import AUTO_HOOK, model_family, resolve_hooks
+
+    if AUTO_HOOK in (cfg.input_hook, cfg.output_hook) and model_family(cfg.model) != "unknown":
+        resolve_hooks(cfg.model, cfg.input_hook, cfg.output_hook)
+
+
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
@@ -127,6 +136,8 @@ class Trainer:
             )
         self.rank_batch = cfg.micro_batch_size // self.par.data_size
         self._injected_source = source is not None
+        if source is None and model is None and not cfg.cache_dir:
+            _check_auto_hooks_by_name(cfg)
         self.slice_reads = cfg.data_parallel_reads == "slice" and self.par.data_size > 1
         if source is None:
             if self.slice_reads:  # every rank reads the global batch and keeps its slice
@@ -143,13 +154,16 @@ class Trainer:
                 )
         self.source = source
         self.info: SourceInfo = self.source.info
+        self._resolve_auto_hooks()
         self._check_source()
+        if self._resume_state is not None:  # the hook keys, now that "auto" is resolved
+            self._check_resume_config(self._resume_state[2])
         self.heldout = heldout
         self.log = MetricsLog(
             self.run_dir,
             use_wandb=cfg.wandb,
             wandb_project=cfg.wandb_project,
-            wandb_config=asdict(cfg),
+            wandb_config=asdict(self.cfg),
             enabled=self.par.is_main,
         )
 
@@ -162,8 +176,27 @@ class Trainer:
         self._model = load_model(self.cfg.model, device=self.device)
         return self._model
 
+    def _resolve_auto_hooks(self) -> None:
+        """Replace hooks set to "auto" by the ones the source resolved (the family default when
+        streaming, the cache's own hooks when reading one), so checkpoints record real names."""
+        from clt_lens.models import AUTO_HOOK
+
+        cfg = self.cfg
+        if AUTO_HOOK not in (cfg.input_hook, cfg.output_hook):
+            return
+        self.cfg = replace(
+            cfg,
+            input_hook=self.info.input_hook if cfg.input_hook == AUTO_HOOK else cfg.input_hook,
+            output_hook=self.info.output_hook if cfg.output_hook == AUTO_HOOK else cfg.output_hook,
+        )
+
     def _check_resume_config(self, saved: dict[str, Any]) -> None:
-        diffs = [k for k in STRUCTURAL_KEYS if k in saved and saved[k] != getattr(self.cfg, k)]
+        from clt_lens.models import AUTO_HOOK
+
+        # a hook still "auto" (the source has not resolved it yet) is compared on the second call
+        pending = {k for k in ("input_hook", "output_hook") if getattr(self.cfg, k) == AUTO_HOOK}
+        diffs = [k for k in STRUCTURAL_KEYS
+                 if k in saved and k not in pending and saved[k] != getattr(self.cfg, k)]
         if diffs:
             detail = ", ".join(
                 f"{k}: checkpoint={saved[k]!r} config={getattr(self.cfg, k)!r}" for k in diffs
