@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-tokens", type=int, default=262_144)
     p.add_argument("--steps", type=int, default=None, help="training steps (default: demo.yaml)")
     p.add_argument("--feature-tokens", type=int, default=65_536)
+    p.add_argument("--eval-tokens", type=int, default=16_384)
     p.add_argument("--prompt", default=SAMPLE_PROMPT)
     p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing it")
 
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     st.done()
 
     st.start("3/7 evaluation")
-    result = evaluate(final, model=model, n_tokens=16_384, out_dir=out / "eval",
+    result = evaluate(final, model=model, n_tokens=args.eval_tokens, out_dir=out / "eval",
                       device=args.device)
     print(markdown_table(result))
     st.done()

@@ -238,12 +238,20 @@ class Trainer:
                 partition=False,
             )
             src.split = cfg.heldout_split
+        from clt_lens.data import DataLoadError
+
         xs, ys, n = [], [], 0
-        while n < cfg.heldout_tokens:
-            x, y = src.next()
-            xs.append(x)
-            ys.append(y)
-            n += x.shape[0]
+        try:
+            while n < cfg.heldout_tokens:
+                x, y = src.next()
+                xs.append(x)
+                ys.append(y)
+                n += x.shape[0]
+        except DataLoadError as e:
+            raise ConfigError(
+                f"held-out check: {e}. Set heldout_split to a split the dataset has, or "
+                "heldout_cache_dir to a cache of held-out activations"
+            ) from None
         src.close()
         return torch.cat(xs)[: cfg.heldout_tokens], torch.cat(ys)[: cfg.heldout_tokens]
 
@@ -405,9 +413,9 @@ class Trainer:
 
     def train(self):
         cfg = self.cfg
-        self._setup_model()
         if self.heldout is None and cfg.eval_every and cfg.heldout_tokens:
-            self.heldout = self._collect_heldout()
+            self.heldout = self._collect_heldout()  # first: a bad split fails before training
+        self._setup_model()
         if self.par.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
