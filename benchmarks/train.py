@@ -25,9 +25,9 @@ SHAPES = {"demo": (4, 128, 1024, 1024), "L12": (12, 256, 2048, 512)}
 
 def one_shape(L: int, d: int, F: int, B: int, decode: str, active: float, repeats: int) -> dict:
     import torch
+    from common import matmul_peak
 
     from clt_lens.clt import CLTConfig, CrossLayerTranscoder
-    from common import matmul_peak
 
     torch.manual_seed(0)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

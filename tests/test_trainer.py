@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from clt_lens.config import ConfigError, load_config
-from clt_lens.training import Trainer, TrainConfig, TrainingDiverged
+from clt_lens.training import TrainConfig, Trainer, TrainingDiverged
 
 SMALL = [
     "--d_sae", "128", "--batch_size", "256", "--n_steps", "12", "--lr_warmup_steps", "2",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clt_lens.training import Trainer, TrainConfig
+from clt_lens.training import TrainConfig, Trainer
 from clt_lens.training.sources import SourceInfo
 
 
