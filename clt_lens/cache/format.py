@@ -68,6 +68,7 @@ import zstandard
 from torch import Tensor
 
 from clt_lens.activations import HookSpec
+from clt_lens.fsutil import fsync_dir
 
 FORMAT_VERSION = 1
 SHARD_MAGIC = b"CLTSHARD"
@@ -104,7 +105,7 @@ def atomic_write_bytes(path: str | Path, data: bytes | list[bytes]) -> None:
         with _suppress_oserror():
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -117,20 +118,6 @@ class _suppress_oserror:
 
     def __exit__(self, tp: Any, value: Any, tb: Any) -> bool:
         return tp is not None and issubclass(tp, OSError)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename durable; not possible on every OS/filesystem, where it is skipped.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def sha256_hex(data: bytes | memoryview) -> str:

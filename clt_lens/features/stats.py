@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from clt_lens.features.format import (
     layer_file_name,
 )
 from clt_lens.features.heaps import DoublingHistogram, ExamplePool
+from clt_lens.fsutil import atomic_write_text
 
 # Floats of one stats chunk ([sequences, positions, features]); bounds memory for wide CLTs.
 CHUNK_ELEMENTS = 1 << 24
@@ -404,12 +404,6 @@ def _tokenizer_path(model: Any, out_dir: Path) -> str:
     return str(target.resolve())
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def compute_feature_stats(
     clt_or_checkpoint: Any,
     *,
@@ -560,7 +554,7 @@ def run_features(
     for block, layer in enumerate(layers):
         records = layer_records(acc, block, layer, n_layers, folded["W_dec"][layer], w_u,
                                 example_tokens, cfg)
-        _atomic_write_text(out_dir / layer_file_name(layer), dumps_lines(records))
+        atomic_write_text(out_dir / layer_file_name(layer), dumps_lines(records))
     write_seconds = time.perf_counter() - t0 - pass_seconds
 
     if checkpoint is None:
@@ -599,5 +593,5 @@ def run_features(
         },
         "config": config_to_dict(cfg),
     }
-    _atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return out_dir

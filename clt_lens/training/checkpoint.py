@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from clt_lens.fsutil import atomic_write_text, fsync_dir
+
 STATE_FILE = "training_state.pt"
 DATA_STATE_FILE = "data_state.json"
 CONFIG_FILE = "train_config.json"
@@ -35,28 +37,6 @@ LATEST_FILE = "LATEST"
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, incomplete or incompatible."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint(
@@ -92,7 +72,7 @@ def write_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     atomic_write_text(ckpt_root / LATEST_FILE, name)
     _prune(ckpt_root, keep, protect=name)
     return final
