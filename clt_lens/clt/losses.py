@@ -173,10 +173,11 @@ def _sparse_step(clt: CrossLayerTranscoder, x_lbd: Tensor, theta: Tensor | None)
     cfg = clt.cfg
     n_layers, batch, n_feat = clt.n_layers, x_lbd.shape[1], clt.n_features
     with torch.no_grad():
-        pre_nograd = clt.preacts_lbf(x_lbd)
-        support = _select_support(clt, pre_nograd, theta)
-    pre_s = encoder_grad_gather(support, pre_nograd, x_lbd, clt.W_enc, clt.b_enc)
-    del pre_nograd
+        # without the bias: JumpReLU moves it into the support test, saving a pass over [L,B,F]
+        pre_nobias = torch.bmm(x_lbd, clt.W_enc.to(x_lbd.dtype))
+        support = _select_support(clt, pre_nobias, theta)
+    pre_s = encoder_grad_gather(support, pre_nobias, x_lbd, clt.W_enc, clt.b_enc)
+    del pre_nobias
     acts_s = _activate_values(clt, pre_s, theta, support)
     partial, w_norm = sparse_decode_with_norms(support, acts_s, list(clt.W_dec))
     penalty = _penalty(cfg, acts_s, w_norm.reshape(-1)[support.lf])
@@ -235,13 +236,19 @@ def _choose_sparse(clt: CrossLayerTranscoder, batch: int) -> bool:
     return clt.use_sparse(batch * clt.n_layers * clt.n_features, density)
 
 
-def _select_support(clt: CrossLayerTranscoder, pre: Tensor, theta: Tensor | None) -> Support:
-    """Support of the training activation (computed without autograd)."""
+def _select_support(clt: CrossLayerTranscoder, pre_nobias: Tensor, theta: Tensor | None) -> Support:
+    """Support of the training activation, from pre-activations without ``b_enc`` (no grad)."""
     cfg = clt.cfg
-    n_layers, batch, n_features = pre.shape
+    n_layers, batch, n_features = pre_nobias.shape
+    bias = clt.b_enc.detach().to(pre_nobias.dtype).unsqueeze(1)
     if cfg.activation == "jumprelu":
         lower = jumprelu_support_threshold(theta.detach(), cfg.jumprelu_bandwidth)
-        return Support.from_mask(pre > lower.unsqueeze(1))
+        lower = lower.to(bias.dtype).unsqueeze(1)
+        # a few ulps of slack for the moved bias: the support must stay a superset of the
+        # positions the kernel keeps once the values are rounded as pre + b
+        slack = 4 * torch.finfo(bias.dtype).eps * (lower.abs() + bias.abs())
+        return Support.from_mask(pre_nobias > lower - bias - slack)
+    pre = pre_nobias + bias
     if cfg.activation == "relu":
         return Support.from_mask(pre > 0)
     if cfg.activation == "topk":

@@ -33,6 +33,10 @@ from torch import Tensor
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
+# decode from a separate support of the nonzeros when they are fewer than this fraction
+_SUBSET_BELOW = 0.9
+
+
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
@@ -121,6 +125,10 @@ class Support:
         base = torch.arange(n_layers * batch, device=idx.device).view(n_layers, batch, 1)
         return cls.from_flat((base * n_features + idx).reshape(-1), n_layers, batch, n_features)
 
+    def subset(self, keep: Tensor) -> Support:
+        """The positions where the bool ``keep`` (one per entry) is True, in the same order."""
+        return Support.from_flat(self.flat[keep], self.n_layers, self.batch, self.n_features)
+
     def layer_slice(self, values: Tensor, layer: int) -> Tensor:
         return values[self.layer_ptr[layer] : self.layer_ptr[layer + 1]]
 
@@ -175,16 +183,24 @@ class _SparseDecode(torch.autograd.Function):
         d = w_dec[0].shape[-1]
         ctx.values_dtype = values.dtype
         values = values.to(w_dec[0].dtype)  # autocast may hand us half-precision values
+        # zeros at kept positions (JumpReLU's kernel window) need dL/da but add nothing to the
+        # output or to dL/dW_dec: decode and the decoder gradient use the nonzeros only
+        nonzero = values != 0
+        n_nonzero = int(nonzero.sum())
+        if n_nonzero < _SUBSET_BELOW * support.nnz:
+            active, active_values = support.subset(nonzero), values[nonzero]
+        else:
+            active, active_values = support, values
         out = values.new_zeros(batch, n_layers, d)
         for i, w in enumerate(w_dec):
-            if support.layer_ptr[i + 1] == support.layer_ptr[i]:
+            if active.layer_ptr[i + 1] == active.layer_ptr[i]:
                 continue
             n_t = w.shape[1]
-            part = _spmm(support.layer_csr(values, i), w.reshape(w.shape[0], n_t * d))
+            part = _spmm(active.layer_csr(active_values, i), w.reshape(w.shape[0], n_t * d))
             out[:, _target_span(i, n_t)] += part.view(batch, n_t, d)
         norms = _decoder_norms(w_dec) if with_norms else values.new_zeros(0)
-        ctx.support = support
-        ctx.save_for_backward(values, norms, *w_dec)
+        ctx.support, ctx.active = support, active
+        ctx.save_for_backward(values, active_values, norms, *w_dec)
         ctx.mark_non_differentiable(*([] if with_norms else [norms]))
         return out, norms
 
@@ -193,27 +209,27 @@ class _SparseDecode(torch.autograd.Function):
         ctx: Any, grad_out: Tensor, grad_norms: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         support: Support = ctx.support
-        values, norms, *w_dec = ctx.saved_tensors
+        active: Support = ctx.active
+        values, active_values, norms, *w_dec = ctx.saved_tensors
         need_values = ctx.needs_input_grad[2]
         need_w = ctx.needs_input_grad[3:]
         batch, d = support.batch, grad_out.shape[-1]
         grad_values = torch.zeros_like(values) if need_values else None
         grads_w: list[Tensor | None] = [None] * len(w_dec)
-        values_t = values[support.transposed()[0]] if any(need_w) else None
+        values_t = active_values[active.transposed()[0]] if any(need_w) else None
         for i, w in enumerate(w_dec):
             a, b = support.layer_ptr[i], support.layer_ptr[i + 1]
             n_t, n_features = w.shape[1], w.shape[0]
-            if a < b and (need_values or need_w[i]):
-                g = grad_out[:, _target_span(i, n_t)].reshape(batch, n_t * d)
-                if need_values:
-                    pattern = support.layer_csr(values, i)
-                    sampled = torch.sparse.sampled_addmm(
-                        pattern, g, w.reshape(n_features, n_t * d).t(), beta=0.0
-                    )
-                    grad_values[a:b] = sampled.values()
-                if need_w[i]:
-                    gw = _spmm(support.layer_csr_t(values_t, i), g)
-                    grads_w[i] = gw.view_as(w)
+            g = grad_out[:, _target_span(i, n_t)].reshape(batch, n_t * d)
+            if a < b and need_values:
+                pattern = support.layer_csr(values, i)
+                sampled = torch.sparse.sampled_addmm(
+                    pattern, g, w.reshape(n_features, n_t * d).t(), beta=0.0
+                )
+                grad_values[a:b] = sampled.values()
+            if need_w[i] and active.layer_ptr[i] < active.layer_ptr[i + 1]:
+                gw = _spmm(active.layer_csr_t(values_t, i), g)
+                grads_w[i] = gw.view_as(w)
             if need_w[i]:
                 if grads_w[i] is None:
                     grads_w[i] = torch.zeros_like(w)
@@ -272,7 +288,8 @@ class _EncoderGradGather(torch.autograd.Function):
     ) -> Tensor:
         ctx.support = support
         ctx.save_for_backward(x_lbd, w_enc)
-        return pre_lbf.reshape(-1)[support.flat]
+        bias = b_enc.reshape(-1)[support.lf].to(pre_lbf.dtype)
+        return pre_lbf.reshape(-1)[support.flat] + bias
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -331,9 +348,10 @@ def dense_decode_with_norms(acts_lbf: Tensor, w_dec: list[Tensor]) -> tuple[Tens
 def encoder_grad_gather(
     support: Support, pre_lbf: Tensor, x_lbd: Tensor, w_enc: Tensor, b_enc: Tensor
 ) -> Tensor:
-    """``pre_lbf`` (computed without autograd) at the support, with sparse encoder gradients.
+    """Pre-activations at the support, with sparse encoder gradients.
 
-    ``pre_lbf`` must equal ``baddbmm(b_enc[:, None], x_lbd, w_enc)``; only the kept positions'
-    gradients flow back, which is exact when the loss depends on pre-activations only there.
+    ``pre_lbf`` is ``bmm(x_lbd, w_enc)`` computed without autograd and *without* the bias,
+    which is added here for the kept positions only. Only the kept positions' gradients flow
+    back, which is exact when the loss depends on pre-activations only there.
     """
     return _EncoderGradGather.apply(support, pre_lbf, x_lbd, w_enc, b_enc)  # type: ignore[return-value]

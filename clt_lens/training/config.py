@@ -53,6 +53,7 @@ class TrainConfig:
     lr: float = 1e-3
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    adam_fused: bool = True  # torch's fused Adam kernel on CPU/CUDA: ~4x faster step on CPU
     lr_warmup_steps: int = 50
     lr_decay: str = "cosine"
     lr_decay_start: float = 0.5  # fraction of training after which decay begins

@@ -87,6 +87,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def make_adam(params: list[torch.nn.Parameter], cfg: TrainConfig, device_type: str):
+    """Adam as configured; the fused kernel where torch has one (one pass over the weights)."""
+    fused = cfg.adam_fused and device_type in ("cpu", "cuda")
+    return torch.optim.Adam(
+        params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None
+    )
+
+
+def _sq_norm(tensors: list[torch.Tensor], device: str) -> torch.Tensor:
+    """Sum of squares of all entries, in fp32 (one fused pass per dtype group)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
+    return torch.stack(norms).pow(2).sum()
+
+
 class Trainer:
     """Trains a CLT. ``Trainer(cfg).train()`` returns the trained (full, unsharded) CLT.
 
@@ -195,8 +211,11 @@ class Trainer:
 
         # a hook still "auto" (the source has not resolved it yet) is compared on the second call
         pending = {k for k in ("input_hook", "output_hook") if getattr(self.cfg, k) == AUTO_HOOK}
-        diffs = [k for k in STRUCTURAL_KEYS
-                 if k in saved and k not in pending and saved[k] != getattr(self.cfg, k)]
+        diffs = [
+            k
+            for k in STRUCTURAL_KEYS
+            if k in saved and k not in pending and saved[k] != getattr(self.cfg, k)
+        ]
         if diffs:
             detail = ", ".join(
                 f"{k}: checkpoint={saved[k]!r} config={getattr(self.cfg, k)!r}" for k in diffs
@@ -356,7 +375,7 @@ class Trainer:
         self.clt = self._shard(full)
         self.clt.train()
         self.params = [p for p in self.clt.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.opt = make_adam(self.params, cfg, torch.device(self.device).type)
         L, F = self.info.n_layers, self.clt.cfg.d_sae
         self.since_fired = torch.zeros(L, F, dtype=torch.long, device=self.device)
         self.step = 0
@@ -395,17 +414,12 @@ class Trainer:
 
     def _clip(self) -> torch.Tensor:
         """Global gradient norm over all shards (replicated parameters counted once)."""
-        sharded = torch.zeros((), device=self.device)
-        replicated = torch.zeros((), device=self.device)
+        sharded, replicated = [], []
         for name, p in self.clt.named_parameters():
-            if p.grad is None:
-                continue
-            sq = p.grad.detach().float().pow(2).sum()
-            if feature_dim(name) is not None:
-                sharded += sq
-            else:
-                replicated += sq
-        total = (self.par.sum_features(sharded) + replicated).sqrt()
+            if p.grad is not None:
+                (sharded if feature_dim(name) is not None else replicated).append(p.grad.detach())
+        sharded_sq = self.par.sum_features(_sq_norm(sharded, self.device))
+        total = (sharded_sq + _sq_norm(replicated, self.device)).sqrt()
         if self.cfg.grad_clip > 0:
             coef = (self.cfg.grad_clip / (total + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
@@ -613,8 +627,9 @@ class Trainer:
             acts = self.clt.encode(x)
             # normalised space (EV is per-layer scale invariant); the partial decode is summed
             # over feature shards like in training
-            partial = self.clt.decode_partial(acts.transpose(0, 1).contiguous(),
-                                              self.par.reduce_partials)
+            partial = self.clt.decode_partial(
+                acts.transpose(0, 1).contiguous(), self.par.reduce_partials
+            )
             y_hat = self.clt.finish_decode(partial, self.clt.normalize_inputs(x)).double()
             y = self.clt.normalize_outputs(y).double()
             sse += (y_hat - y).pow(2).sum(dim=(0, 2))
