@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,98 @@ def test_uneven_feature_split_is_refused(tmp_path: Path):
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert r.returncode != 0
     assert "does not split evenly over 2 feature ranks" in r.stderr
+
+
+# ---- the activation cache as the source: per-rank shard reads, a 2-D grid, a dead rank --------
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "cache"
+    cmd = [sys.executable, "-m", "clt_lens", "cache", "--out_dir", str(out), "--n_tokens",
+           "8192", "--shard_tokens", "1024", "--context_size", "64", "--progress", "false"]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def _launch(out: Path, n_steps: int, mode: str | None, nproc: int, *extra: str) -> list[str]:
+    head = [sys.executable, "-m", "clt_lens"]
+    if mode is not None:
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "clt_lens"]
+    cmd = [*head, "train", *COMMON, "--n_steps", str(n_steps), "--out_dir", str(out), *extra]
+    return cmd + (["--distributed", mode] if mode is not None else [])
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _worker_pid(launcher: int, rank: int) -> int | None:
+    """PID of the torchrun worker with RANK=rank started (directly or not) by ``launcher``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() not in env or b"TORCHELASTIC_RUN_ID" not in b" ".join(env):
+                continue
+            pid = int(proc.name)
+            while pid > 1:  # is it a descendant of the launcher? (ppid: field 4 of stat)
+                stat = (Path("/proc") / str(pid) / "stat").read_text()
+                pid = int(stat.rsplit(")", 1)[1].split()[1])
+                if pid == launcher:
+                    return int(proc.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def test_2d_grid_equals_single(tmp_path: Path, cache_dir: Path):
+    """2 data groups x 2 feature groups (4 processes) = one process with the same batch."""
+    src = ["--cache_dir", str(cache_dir)]
+    _run(_launch(tmp_path / "single", 4, None, 1, *src))
+    _run(_launch(tmp_path / "grid", 4, "2d", 4, *src, "--feature_parallel_size", "2",
+                 "--data_parallel_reads", "slice"))
+    assert_close(final_weights(tmp_path / "single"), final_weights(tmp_path / "grid"))
+
+
+def test_ddp_shard_reads_resume_exactly_after_a_rank_dies(tmp_path: Path, cache_dir: Path):
+    """Each DDP rank reads its own cache shards; killing one rank fails the whole run with
+    torchrun's error, the last checkpoint stays whole, and resuming from it on the same layout
+    ends where an uninterrupted run ends."""
+    import sae_lens
+
+    import clt_lens  # noqa: F401
+
+    n = 24
+    src = ["--cache_dir", str(cache_dir), "--data_parallel_reads", "shards"]
+    _run(_launch(tmp_path / "ref", n, "ddp", 2, *src))
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_launch(run, n, "ddp", 2, *src, "--checkpoint_every", "2"), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    latest = run / "checkpoints" / "LATEST"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() >= "step_00000004":
+            break
+        time.sleep(0.01)
+    victim = _worker_pid(proc.pid, 1)
+    assert proc.poll() is None and victim is not None, "the run ended before a rank was killed"
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "ChildFailedError" in err and "SIGKILL" in err, err[-3000:]
+    # the checkpoint LATEST names is complete: it loads in one process and resumes exactly
+    ck = run / "checkpoints" / latest.read_text().strip()
+    assert ck.name < f"step_{n:08d}"
+    sae = sae_lens.SAE.load_from_disk(str(ck))
+    assert sae.cfg.d_sae == 64
+    _run(_launch(run, n, "ddp", 2, *src, "--checkpoint_every", "2", "--resume", str(run)))
+    assert_close(final_weights(tmp_path / "ref"), final_weights(run), tol=1e-6)
+    # one process cannot take over two ranks' separate data positions: refused, named
+    r = subprocess.run(_launch(tmp_path / "one", n, None, 1, *src, "--resume", str(run)),
+                       env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "2 data-parallel ranks each reading its own part" in r.stderr, r.stderr[-2000:]

@@ -226,7 +226,9 @@ class CacheReader:
         return {
             "cache": self.manifest.config_hash or str(self.manifest.n_tokens),
             "n_shards": len(self.manifest.shards), "shuffle": self.shuffle, "seed": self.seed,
-            "rank": self.rank, "world_size": self.world_size, "partition": self.partition,
+            # one reader sees every shard whether it partitions or not
+            "rank": self.rank, "world_size": self.world_size,
+            "partition": self.partition and self.world_size > 1,
             "buffer_tokens": self.buffer_tokens,
         }
 

@@ -189,6 +189,14 @@ class Parallel:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, indexed by global rank (picklable objects; small ones only)."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

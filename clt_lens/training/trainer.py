@@ -87,6 +87,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# data_state.json of a run whose data ranks read different data: one position per data rank
+PER_DATA_RANK = "per_data_rank"
+
+
 def make_adam(params: list[torch.nn.Parameter], cfg: TrainConfig, device_type: str):
     """Adam as configured; the fused kernel where torch has one (one pass over the weights)."""
     fused = cfg.adam_fused and device_type in ("cpu", "cuda")
@@ -155,6 +159,8 @@ class Trainer:
         if source is None and model is None and not cfg.cache_dir:
             _check_auto_hooks_by_name(cfg)
         self.slice_reads = cfg.data_parallel_reads == "slice" and self.par.data_size > 1
+        if self._resume_state is not None:
+            self._check_data_layout(self._resume_state[1])
         if source is None:
             if self.slice_reads:  # every rank reads the global batch and keeps its slice
                 source = make_source(
@@ -395,6 +401,8 @@ class Trainer:
             if self.scaler is not None and "scaler" in state:
                 self.scaler.load_state_dict(state["scaler"])
             _set_rng_state(state["rng"])
+            if data_state.get("kind") == PER_DATA_RANK:
+                data_state = data_state["ranks"][self.par.data_rank]
             self.source.load_state_dict(data_state)
             self.last_checkpoint = self.resume_from
             self.log.truncate_after(self.step)
@@ -653,6 +661,43 @@ class Trainer:
         }
 
     # ---- checkpoints -----------------------------------------------------------------------
+    def _own_reads(self) -> bool:
+        """Whether data ranks read different parts of the data (each has its own position)."""
+        return self.par.data_size > 1 and not self.slice_reads
+
+    def _data_state(self) -> dict[str, Any]:
+        """The source position to checkpoint (collective: every rank calls it)."""
+        own = self.source.state_dict()
+        if not self._own_reads():
+            return own  # one reader, or every rank reads the same global batch
+        states = self.par.gather_objects(own)
+        fsize = self.par.feature_size
+        ranks = [states[d * fsize] for d in range(self.par.data_size)]
+        return {"kind": PER_DATA_RANK, "data_size": self.par.data_size, "ranks": ranks}
+
+    def _check_data_layout(self, data_state: dict[str, Any]) -> None:
+        """Refuse a resume whose data positions cannot mean the same batches here.
+
+        Feature layouts always convert (weights and optimizer state are saved whole); a data
+        position converts when both runs read one global stream (one data rank, or
+        data_parallel_reads=slice), and otherwise only to the same number of data ranks.
+        """
+        saved = data_state["data_size"] if data_state.get("kind") == PER_DATA_RANK else None
+        here = self.par.data_size if self._own_reads() else None
+        if saved == here:
+            return
+
+        def describe(n: int | None) -> str:
+            if n is None:
+                return "one global data stream (one data rank, or data_parallel_reads=slice)"
+            return f"{n} data-parallel ranks each reading its own part (data_parallel_reads=shards)"
+
+        raise ConfigError(
+            f"cannot resume {self.resume_from} exactly: it was written by {describe(saved)}, "
+            f"this run has {describe(here)}; resume with the same data layout"
+            + (" or with data_parallel_reads=slice" if saved is None else "")
+        )
+
     def _ckpt_name(self) -> str:
         return f"step_{self.step:08d}"
 
@@ -668,6 +713,7 @@ class Trainer:
         cfg, par = self.cfg, self.par
         full = self.full_clt()  # collective when sharded: every rank takes part
         opt_state = self._optimizer_state()
+        data_state = self._data_state()  # collective with per-rank data positions
         since = par.gather_features(self.since_fired, 1)
         state = {
             "step": self.step,
@@ -687,7 +733,7 @@ class Trainer:
                 self._ckpt_name(),
                 full.save_model,
                 state,
-                self.source.state_dict(),
+                data_state,
                 asdict(cfg),
                 keep=cfg.keep_checkpoints,
             )
