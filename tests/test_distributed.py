@@ -104,6 +104,23 @@ def assert_close(a: dict, b: dict, tol: float = 1e-5) -> None:
         )
 
 
+def assert_same_metrics(a: Path, b: Path) -> None:
+    """Logged clipping norm, L0, EV and dead fractions are global, so equal to one process's."""
+    import json
+
+    def train_records(run: Path) -> list[dict]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+    ra, rb = train_records(a), train_records(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] and ra
+    for x, y in zip(ra, rb):
+        for key in ("loss", "grad_norm", "ev_per_layer", "l0_per_layer", "dead_frac_per_layer"):
+            assert torch.allclose(torch.tensor(x[key], dtype=torch.float64),
+                                  torch.tensor(y[key], dtype=torch.float64),
+                                  rtol=1e-5, atol=1e-6), (x["step"], key, x[key], y[key])
+
+
 def test_feature_sharded_equals_single_and_resumes_in_one_process(tmp_path: Path):
     n = 6
     single(tmp_path / "single", n)
@@ -112,6 +129,7 @@ def test_feature_sharded_equals_single_and_resumes_in_one_process(tmp_path: Path
     )
     ref = final_weights(tmp_path / "single")
     assert_close(ref, final_weights(tmp_path / "feature"))
+    assert_same_metrics(tmp_path / "single", tmp_path / "feature")
     # the sharded run's checkpoint loads in one process and resumes there (world size 2 -> 1)
     import sae_lens
 
@@ -129,6 +147,7 @@ def test_ddp_equals_single_with_the_same_global_batch(tmp_path: Path):
     single(tmp_path / "single", n)
     torchrun(tmp_path / "ddp", n, "ddp", "--data_parallel_reads", "slice")
     assert_close(final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp"))
+    assert_same_metrics(tmp_path / "single", tmp_path / "ddp")
 
 
 def test_uneven_feature_split_is_refused(tmp_path: Path):
@@ -213,6 +232,7 @@ def test_2d_grid_equals_single(tmp_path: Path, cache_dir: Path):
     _run(_launch(tmp_path / "grid", 4, "2d", 4, *src, "--feature_parallel_size", "2",
                  "--data_parallel_reads", "slice"))
     assert_close(final_weights(tmp_path / "single"), final_weights(tmp_path / "grid"))
+    assert_same_metrics(tmp_path / "single", tmp_path / "grid")
 
 
 def test_ddp_shard_reads_resume_exactly_after_a_rank_dies(tmp_path: Path, cache_dir: Path):
