@@ -163,6 +163,9 @@ def main() -> None:
         "note": "medians over prompts; 'attribute s' is circuit-tracer's attribute() only",
     })
     print(f"\nwritten {path}")
+    from plots import plot_result
+
+    print(f"written {plot_result('attribution')}")
 
 
 if __name__ == "__main__":

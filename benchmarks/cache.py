@@ -229,6 +229,9 @@ def main() -> None:
         "codecs": results,
     })
     print(f"\nwrote {path}")
+    from plots import plot_result
+
+    print(f"written {plot_result('cache')}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHAPES = {"demo": (4, 128, 1024, 1024), "L12": (12, 256, 2048, 512)}
+REPEATS = {"demo": 24, "L12": 8}  # interleaved pairs; short steps need more to settle
 MODES = ("auto", "dense")  # "auto" = what training uses (sparse at these densities)
 
 
@@ -116,11 +117,11 @@ def main() -> None:
     ap.add_argument("--active", default="0.01,0.02,0.03", help="comma-separated fractions")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    repeats = 4 if args.quick else 8
     if args.child:
         kind, name, *mode = args.child.split(":")
         shape = SHAPES[name]
         if kind == "time":
+            repeats = REPEATS[name] // (2 if args.quick else 1)
             out = time_child(*shape, float(args.active), repeats)
         else:
             out = rss_child(*shape, float(args.active), mode[0])
@@ -156,6 +157,9 @@ def main() -> None:
                  "ours GFLOP/s (needed work)", "dense GFLOP/s", "matmul peak GFLOP/s",
                  "ours / peak", "peak RSS MB ours / dense", "params+grads+Adam MB"], rows)
     print(f"written {write_result('train', {'results': results})}")
+    from plots import plot_result
+
+    print(f"written {plot_result('train')}")
 
 
 if __name__ == "__main__":
