@@ -8,8 +8,10 @@ fraction (default 1%, 2% and 3%, the range trained CLTs of the field have) of th
 fire. Both steps use the trainer's optimizer (fused Adam) and global-norm clipping.
 
 The two steps are timed interleaved on one model in one process (the machine is shared and
-noisy: separate processes differ by 10-20%), and the matmul peak is measured in the same
-process. Peak RSS needs a process of its own per step, so it comes from short separate runs.
+noisy: separate processes differ by 10-20%), in blocks of one untimed and two timed steps per
+mode, since the first step after a switch is slowed by the other mode's allocations. The
+matmul peak is measured in the same process. Peak RSS needs a process of its own per step,
+so it comes from short separate runs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHAPES = {"demo": (4, 128, 1024, 1024), "L12": (12, 256, 2048, 512)}
-REPEATS = {"demo": 24, "L12": 8}  # interleaved pairs; short steps need more to settle
+REPEATS = {"demo": 12, "L12": 4}  # blocks per mode; short steps need more to settle
 MODES = ("auto", "dense")  # "auto" = what training uses (sparse at these densities)
 
 
@@ -74,9 +76,11 @@ def time_child(L: int, d: int, F: int, B: int, active: float, repeats: int) -> d
     l0s = []
     for r in range(repeats):
         for mode in MODES if r % 2 == 0 else MODES[::-1]:
-            sec, l0 = step(mode)
-            times[mode].append(sec)
-            l0s.append(l0)
+            step(mode)  # untimed: the first step after a switch pays for the other's allocations
+            for _ in range(2):
+                sec, l0 = step(mode)
+                times[mode].append(sec)
+                l0s.append(l0)
     peaks.append(matmul_peak())
     med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
     l0 = sorted(l0s)[len(l0s) // 2]
