@@ -69,6 +69,22 @@ def test_bf16_autocast_trains(tmp_path: Path):
     assert next(clt.parameters()).dtype == torch.float32  # fp32 master weights
 
 
+def test_fp16_autocast_trains_with_a_grad_scaler_that_checkpoints(tmp_path: Path):
+    clt = run(cfg(tmp_path, autocast="fp16", checkpoint_every=2), 64)
+    assert all(torch.isfinite(p).all() for p in clt.parameters())
+    assert next(clt.parameters()).dtype == torch.float32
+    state = torch.load(tmp_path / "checkpoints" / "step_00000004" / "training_state.pt",
+                       weights_only=True)
+    assert state["scaler"]["scale"] > 0
+
+
+def test_fused_and_plain_adam_agree(tmp_path: Path):
+    fused = run(cfg(tmp_path / "fused", adam_fused=True), 64)
+    plain = run(cfg(tmp_path / "plain", adam_fused=False), 64)
+    for (k, v), w in zip(fused.state_dict().items(), plain.state_dict().values()):
+        assert torch.allclose(v, w, atol=1e-5, rtol=1e-4), k
+
+
 def test_l0_target_stops_the_run(tmp_path: Path):
     run(cfg(tmp_path, n_steps=50, l0_target=10_000.0, l0_target_action="stop"), 64)
     recs = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
