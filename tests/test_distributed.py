@@ -138,6 +138,18 @@ def test_feature_sharded_equals_single_and_resumes_in_one_process(tmp_path: Path
     ck = tmp_path / "feature" / "checkpoints" / "step_00000003"
     sae = sae_lens.SAE.load_from_disk(str(ck))
     assert sae.cfg.d_sae == 64 and sae.W_enc.shape[-1] == 64
+    # ... and exports to a circuit-tracer set that encodes like it
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+    from clt_lens.circuits.export import write_circuit_tracer_set
+
+    ct = write_circuit_tracer_set(ck, tmp_path / "circuit_tracer")
+    tc = load_clt(str(ct), feature_input_hook="ln2.hook_normalized", device=torch.device("cpu"),
+                  dtype=torch.float32)
+    x = torch.randn(16, sae.n_layers, sae.cfg.d_in)
+    ours = sae.encode(x)
+    for layer in range(sae.n_layers):
+        assert torch.allclose(tc.encode_layer(x[:, layer], layer), ours[:, layer], atol=1e-5)
     single(tmp_path / "feature", n, "--resume", str(ck), "--checkpoint_every", "3")
     assert_close(ref, final_weights(tmp_path / "feature"))
 
