@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from clt_lens.evals.metrics import DENSE_THRESHOLD
+
 
 def markdown_table(result: dict[str, Any]) -> str:
     pl = result["per_layer"]
@@ -22,6 +24,10 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {pl['l0'][l]:.1f} | {pl['dead_fraction'][l]:.1%} | {pl['dense_fraction'][l]:.1%} "
             f"| {tail} |"
         )
+    n = result.get("n_tokens_reconstruction")
+    if n:
+        lines += ["", f"dead: no activation in these {n:,} tokens (rare features count too); "
+                  f"dense: firing on more than {DENSE_THRESHOLD:.0%} of them."]
     r = result["replacement"]
     lines += [
         "",
