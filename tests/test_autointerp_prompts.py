@@ -23,6 +23,8 @@ from clt_lens.autointerp.prompts import (
     marked_positions,
     parse_binary_list,
     parse_explanation,
+    parse_level_lists,
+    pearson,
     render_marked,
     render_plain,
 )
@@ -260,7 +262,7 @@ def test_bad_options_raise_before_work(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="concurrency"):
         run_autointerp(d, **{**base, "concurrency": 0})
     with pytest.raises(ConfigError, match="scorers"):
-        run_autointerp(d, **{**base, "scorers": ["detection", "simulation"]})
+        run_autointerp(d, **{**base, "scorers": ["detection", "logprob-simulation"]})
     with pytest.raises(ConfigError, match="features"):
         run_autointerp(d, **{**base, "features": ["7"]})
     with pytest.raises(ConfigError, match="model"):
@@ -279,3 +281,20 @@ def test_bad_options_raise_before_work(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="layer_01.jsonl:1"):
         run_autointerp(d, **base)
     assert not (d / "autointerp.jsonl").exists()
+
+
+def test_parse_level_lists_takes_the_last_list_of_the_right_shape():
+    reply = "For instance [[0, 0, 7], [0, 2, 0, 0]].\nAnswer:\n[[1, 12, -3], [0, 2.6]]"
+    assert parse_level_lists(reply, [3, 2]) == [[1, 10, 0], [0, 3]]  # clamped and rounded
+    assert parse_level_lists(reply, [3, 4]) == [[0, 0, 7], [0, 2, 0, 0]]
+    assert parse_level_lists(reply, [2, 2]) is None
+    assert parse_level_lists("<think>[[1]]</think> no list", [1]) is None
+    assert parse_level_lists('[["a", 1]]', [2]) is None
+
+
+def test_pearson():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson([0, 0, 0], [1, 2, 3]) is None  # a constant side has no correlation
+    with pytest.raises(ValueError):
+        pearson([1, 2], [1])

@@ -13,7 +13,13 @@ import json
 import re
 
 import pytest
-from autointerp_helpers import LIVE_FEATURES, feature_of_text, keyword_of, make_features_dir
+from autointerp_helpers import (
+    CTX,
+    LIVE_FEATURES,
+    feature_of_text,
+    keyword_of,
+    make_features_dir,
+)
 
 from clt_lens.autointerp import load_explanations, run_autointerp
 from clt_lens.autointerp.prompts import prompt_kind
@@ -399,3 +405,46 @@ def test_cli_env_and_lock(fdir, server, monkeypatch, capsys):
         with pytest.raises(RunLocked):
             _run(fdir, server)
         assert main(["autointerp", str(fdir), "--model", "m", "--quiet"]) == 1
+
+
+def _shifted_simulation(request: dict) -> str:
+    """keyword_oracle, except that simulation predictions sit one token late."""
+    answer = keyword_oracle(request)
+    if prompt_kind(request["messages"][0]["content"]) != "simulation":
+        return answer
+    rows = json.loads(answer.splitlines()[-1])
+    return json.dumps([[0, *row[:-1]] for row in rows])
+
+
+def test_simulation_scores_correlate_predicted_and_true_activations(fdir):
+    with StubOpenAIServer() as server:
+        summary = _run(fdir, server, scorers=["simulation"])
+        kinds = collections.Counter(_kind(r) for r in server.requests)
+    assert kinds == {"explain": 10, "simulation": 10}
+    good = {(r["layer"], r["index"]): r["scores"]["simulation"] for r in iter_records(fdir)}
+    assert sorted(good) == LIVE_FEATURES
+    for s in good.values():
+        # 10 held-out activating + 8 negative excerpts, every token scored
+        assert s["n"] == 18 * CTX and s["method"] == "clt-lens-simulation-v1"
+        assert 0.6 < s["correlation"] <= 1.0  # right tokens; levels differ across examples
+    assert summary["scores"]["simulation"]["n_features"] == 10
+    assert summary["scores"]["simulation"]["mean_correlation"] > 0.6
+
+    shifted_dir = make_features_dir(fdir.parent / "shifted")
+    with StubOpenAIServer(responder=_shifted_simulation) as server:
+        _run(shifted_dir, server, scorers=["simulation"])
+    for r in iter_records(shifted_dir):
+        assert r["scores"]["simulation"]["correlation"] < 0.2  # the wrong tokens score low
+
+
+def test_simulation_answer_of_the_wrong_shape_is_reported(fdir):
+    def short_rows(request: dict) -> str:
+        if prompt_kind(request["messages"][0]["content"]) == "simulation":
+            return "[[0, 1], [2]]"
+        return keyword_oracle(request)
+
+    with StubOpenAIServer(responder=short_rows) as server:
+        _run(fdir, server, scorers=["simulation"])
+    for r in iter_records(fdir):
+        assert r["status"] == "ok" and "simulation" not in r["scores"]
+        assert "simulation: unparseable answer" in r["error"]

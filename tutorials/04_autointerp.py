@@ -10,7 +10,8 @@ What does a feature respond to? Two steps answer it at scale:
    ``<<like this>>``) and writes a one-line explanation; then it is *scored*: another prompt
    asks the LLM to pick, from held-out excerpts mixing activating and non-activating ones,
    which match the explanation (detection) or whose marked tokens fit it (fuzzing). The
-   balanced accuracy of those guesses is the explanation's score.
+   balanced accuracy of those guesses is the explanation's score. ``"simulation"`` (opt-in)
+   asks for every token's activation instead and scores the correlation.
 
 Any OpenAI-compatible chat-completions server works::
 

@@ -31,7 +31,8 @@ _OPTIONS: list[tuple[str, dict]] = [
     ("--timeout", {"type": float, "help": "seconds per request (default 30)"}),
     ("--max-retries", {"type": int, "help": "retries on 429/5xx/timeouts (default 5)"}),
     ("--seed", {"type": int, "help": "seed for the choice of examples (default 0)"}),
-    ("--scorers", {"help": "comma-separated from detection,fuzzing; 'none' to only explain"}),
+    ("--scorers", {"help": "comma-separated from detection,fuzzing,simulation (default "
+                           "detection,fuzzing); 'none' to only explain"}),
     ("--price-per-1k-input", {"type": float, "help": "USD per 1000 prompt tokens, for the cost"}),
     ("--price-per-1k-output", {"type": float, "help": "USD per 1000 completion tokens"}),
 ]

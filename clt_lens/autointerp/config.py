@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from clt_lens.config import ConfigError
 
-SCORERS = ("detection", "fuzzing")
+SCORERS = ("detection", "fuzzing", "simulation")
+DEFAULT_SCORERS = ("detection", "fuzzing")  # simulation asks for one number per token: opt-in
 
 
 @dataclass
@@ -29,7 +30,7 @@ class AutointerpConfig:
     # Stop (the server looks down) after this many features in a row exhaust their retries.
     max_consecutive_failures: int = 5
     seed: int = 0
-    scorers: list[str] = field(default_factory=lambda: list(SCORERS))
+    scorers: list[str] = field(default_factory=lambda: list(DEFAULT_SCORERS))
     temperature: float | None = 0.0  # None: not sent (some reasoning models reject it)
     max_output_tokens: int | None = None  # None: not sent; else sent as max_tokens
     price_per_1k_input: float | None = None

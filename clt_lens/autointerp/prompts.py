@@ -14,13 +14,15 @@ from collections.abc import Collection, Sequence
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 
 EXPLAIN_METHOD = "clt-lens-explain-v1"
-SCORE_METHODS = {"detection": "clt-lens-detection-v1", "fuzzing": "clt-lens-fuzzing-v1"}
+SCORE_METHODS = {"detection": "clt-lens-detection-v1", "fuzzing": "clt-lens-fuzzing-v1",
+                 "simulation": "clt-lens-simulation-v1"}
 
 # Each system prompt opens with a distinct sentence; prompt_kind() keys on it (the stub
 # server uses it to tell the three requests apart).
 _EXPLAIN_HEAD = "You are an interpretability researcher explaining one feature of a language model."
 _DETECTION_HEAD = "You are checking an explanation of a language-model feature (detection)."
 _FUZZING_HEAD = "You are checking an explanation of a language-model feature (highlighting)."
+_SIMULATION_HEAD = "You are simulating a language-model feature from its explanation."
 
 EXPLAIN_SYSTEM = f"""{_EXPLAIN_HEAD}
 You will see text excerpts on which the feature activates. In each excerpt the tokens where it \
@@ -48,10 +50,19 @@ Reply with a JSON list of 0s and 1s, one per excerpt in order (1 = correctly mar
 example [1, 0, 0, 1], as the last line of your reply."""
 
 
+SIMULATION_SYSTEM = f"""{_SIMULATION_HEAD}
+You get an explanation of the feature and numbered text excerpts, each given as a JSON list of \
+its tokens. Judging only by the explanation, predict the feature's activation on every token, \
+as an integer from 0 (does not fire) to 10 (fires as strongly as it ever does). Most tokens \
+are 0.
+Reply with a JSON list holding one list of integers per excerpt, in order, each as long as its \
+excerpt's token list, for example [[0, 0, 7], [0, 2, 0, 0]], as the last line of your reply."""
+
+
 def prompt_kind(system_prompt: str) -> str | None:
-    """"explain", "detection", "fuzzing" or None for a system prompt built here."""
+    """"explain", "detection", "fuzzing", "simulation" or None for another system prompt."""
     for kind, head in (("explain", _EXPLAIN_HEAD), ("detection", _DETECTION_HEAD),
-                       ("fuzzing", _FUZZING_HEAD)):
+                       ("fuzzing", _FUZZING_HEAD), ("simulation", _SIMULATION_HEAD)):
         if system_prompt.startswith(head):
             return kind
     return None
@@ -150,6 +161,15 @@ def build_fuzzing_messages(explanation: str, texts: Sequence[str]) -> list[dict]
     ]
 
 
+def build_simulation_messages(explanation: str, excerpts: Sequence[Sequence[str]]) -> list[dict]:
+    items = "\n".join(
+        f"{k}. " + json.dumps([display_token(t) for t in toks], ensure_ascii=False)
+        for k, toks in enumerate(excerpts, 1)
+    )
+    user = f"Explanation: {explanation}\n\nExcerpts:\n{items}"
+    return [{"role": "system", "content": SIMULATION_SYSTEM}, {"role": "user", "content": user}]
+
+
 # -- parsing answers -----------------------------------------------------------------------
 
 _THINK_RE = re.compile(r"<think>.*?</think>", re.S | re.I)
@@ -229,3 +249,42 @@ def balanced_accuracy(labels: Sequence[int], predictions: Sequence[int]) -> floa
     tpr = sum(1 for p in pos if p == 1) / len(pos)
     tnr = sum(1 for p in neg if p == 0) / len(neg)
     return (tpr + tnr) / 2.0
+
+
+_NESTED_START_RE = re.compile(r"\[\s*\[")
+
+
+def parse_level_lists(text: str, lengths: Sequence[int]) -> list[list[int]] | None:
+    """One list of 0-10 integers per excerpt, with the given lengths, from the last nested
+    JSON list in the reply that fits (values are clamped to 0-10); None if none fits."""
+    body = strip_reasoning(text)
+    decoder = json.JSONDecoder()
+    for m in reversed(list(_NESTED_START_RE.finditer(body))):
+        try:
+            value, _ = decoder.raw_decode(body, m.start())
+        except ValueError:
+            continue
+        shape = [len(v) if isinstance(v, list) else -1 for v in value]
+        if shape != list(lengths):
+            continue
+        try:
+            return [[min(10, max(0, round(float(x)))) for x in row] for row in value]
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Pearson correlation; None when either side is constant (no correlation is defined)."""
+    if len(xs) != len(ys):
+        raise ValueError(f"{len(xs)} values against {len(ys)}")
+    n = len(xs)
+    if n < 2:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx <= 0 or syy <= 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)

@@ -36,7 +36,7 @@ from clt_lens.autointerp.client import (
     Tally,
     resolve_endpoint,
 )
-from clt_lens.autointerp.config import AutointerpConfig
+from clt_lens.autointerp.config import DEFAULT_SCORERS, AutointerpConfig
 from clt_lens.autointerp.examples import split_examples
 from clt_lens.autointerp.explainer import explain_feature, truncate_raw
 from clt_lens.autointerp.featuredir import FeaturesDir
@@ -47,7 +47,7 @@ from clt_lens.autointerp.records import (
     latest_records,
     write_json_atomic,
 )
-from clt_lens.autointerp.scorers import score_feature
+from clt_lens.autointerp.scorers import SCORE_KEYS, score_feature
 from clt_lens.config import build_config, config_to_dict
 
 
@@ -66,7 +66,7 @@ def run_autointerp(
     timeout: float = 30.0,
     max_retries: int = 5,
     seed: int = 0,
-    scorers: Sequence[str] = ("detection", "fuzzing"),
+    scorers: Sequence[str] = DEFAULT_SCORERS,
     price_per_1k_input: float | None = None,
     price_per_1k_output: float | None = None,
     retry_failed: bool = False,
@@ -394,9 +394,9 @@ def _summary(
         }
     scores_mean: dict[str, Any] = {}
     for name in cfg.scorers:
-        vals = [r["scores"][name]["balanced_accuracy"] for r in new_records
-                if name in r.get("scores", {})]
-        scores_mean[name] = {"mean_balanced_accuracy": sum(vals) / len(vals) if vals else None,
+        key = SCORE_KEYS[name]
+        vals = [r["scores"][name][key] for r in new_records if name in r.get("scores", {})]
+        scores_mean[name] = {f"mean_{key}": sum(vals) / len(vals) if vals else None,
                              "n_features": len(vals)}
     explained_total = sum(
         1 for rec in latest_records(fdir.path, model=cfg.model).values() if rec["status"] == "ok"
@@ -454,11 +454,12 @@ def format_summary(s: dict[str, Any]) -> str:
         + (f"; cost ${s['cost']['total']:.4f}" if s["cost"] else "")
     )
     scores = [
-        f"{name} {v['mean_balanced_accuracy']:.3f} (n={v['n_features']})"
-        for name, v in s["scores"].items() if v["mean_balanced_accuracy"] is not None
+        f"{name} {v[f'mean_{SCORE_KEYS[name]}']:.3f} "
+        f"({SCORE_KEYS[name].replace('_', ' ')}, n={v['n_features']})"
+        for name, v in s["scores"].items() if v[f"mean_{SCORE_KEYS[name]}"] is not None
     ]
     if scores:
-        lines.append("  mean balanced accuracy this run: " + ", ".join(scores))
+        lines.append("  mean scores this run: " + ", ".join(scores))
     if f["failed"]:
         lines.append("  failed features keep their error in autointerp.jsonl; "
                      "--retry-failed redoes them")

@@ -5,6 +5,10 @@
 - fuzzing: held-out activating contexts, about half with the true activating tokens marked,
   the rest with the same number of marks on random tokens where the feature did not fire;
   the LLM says which are correctly marked. Balanced accuracy over (correct, wrong).
+- simulation (opt-in): held-out activating contexts and negative contexts; the LLM predicts
+  every token's activation 0-10 from the explanation alone. Pearson correlation of predicted
+  and true levels over all tokens (the "all at once" correlation of Bills et al. 2023, asked
+  for as JSON instead of read from logprobs, so any chat API serves).
 """
 
 from __future__ import annotations
@@ -17,14 +21,22 @@ from clt_lens.autointerp.examples import ExampleSplit, feature_rng
 from clt_lens.autointerp.explainer import truncate_raw
 from clt_lens.autointerp.prompts import (
     SCORE_METHODS,
+    activation_levels,
     balanced_accuracy,
     build_detection_messages,
     build_fuzzing_messages,
+    build_simulation_messages,
     marked_positions,
     parse_binary_list,
+    parse_level_lists,
+    pearson,
     render_marked,
     render_plain,
 )
+
+# the number each scorer reports (runner summaries average it)
+SCORE_KEYS = {"detection": "balanced_accuracy", "fuzzing": "balanced_accuracy",
+              "simulation": "correlation"}
 
 
 @dataclass
@@ -78,6 +90,49 @@ def fuzzing_set(split: ExampleSplit, max_act: float, rng: random.Random) -> Scor
     return ScoringSet([t for t, _ in items], [y for _, y in items])
 
 
+@dataclass
+class SimulationSet:
+    excerpts: list[list[str]]
+    levels: list[list[int]]  # true activations as 0-10 levels, one per token
+
+
+def simulation_set(split: ExampleSplit, max_act: float, rng: random.Random) -> SimulationSet | str:
+    if not split.heldout:
+        return "no held-out activating examples (too few examples)"
+    items = [(list(ex["tokens"]), activation_levels(ex["acts"], max_act))
+             for ex in [*split.heldout, *split.negatives]]  # fmt: skip
+    rng.shuffle(items)
+    return SimulationSet([t for t, _ in items], [lv for _, lv in items])
+
+
+def _simulate(
+    explanation: str, built: SimulationSet, chat: ChatClient, tally: Tally
+) -> tuple[dict | None, str | None]:
+    try:
+        completion = chat.complete(build_simulation_messages(explanation, built.excerpts), tally)
+    except RequestFailed as e:
+        if e.transient:
+            raise
+        return None, f"simulation: request refused: {e}"
+    lengths = [len(t) for t in built.excerpts]
+    predicted = parse_level_lists(completion.text, lengths)
+    if predicted is None:
+        return None, (
+            f"simulation: unparseable answer (expected {len(lengths)} lists of 0-10 integers "
+            f"of lengths {lengths}): {truncate_raw(completion.text)}"
+        )
+    flat_true = [v for row in built.levels for v in row]
+    flat_pred = [v for row in predicted for v in row]
+    r = pearson(flat_pred, flat_true)
+    return {
+        # a constant prediction carries no information about where the feature fires
+        "correlation": 0.0 if r is None else r,
+        "n": len(flat_true),
+        "method": SCORE_METHODS["simulation"],
+        "model": chat.model,
+    }, None
+
+
 def score_feature(
     name: str,
     explanation: str,
@@ -98,6 +153,11 @@ def score_feature(
     elif name == "fuzzing":
         built = fuzzing_set(split, float(feature.get("max_act") or 0.0), rng)
         build_messages = build_fuzzing_messages
+    elif name == "simulation":
+        sim = simulation_set(split, float(feature.get("max_act") or 0.0), rng)
+        if isinstance(sim, str):
+            return None, f"simulation: skipped, {sim}"
+        return _simulate(explanation, sim, chat, tally)
     else:
         raise ValueError(f"unknown scorer {name!r}")
     if isinstance(built, str):

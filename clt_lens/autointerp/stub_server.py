@@ -8,8 +8,9 @@ served first, in arrival order; after that the ``responder`` answers.
 
 The default responder, ``keyword_oracle``, plays a deliberately simple "LLM": it explains a
 feature as the token most often marked ``<<...>>``, and in scoring prompts answers 1 for the
-excerpts containing (detection) or marking (fuzzing) that word. On features that fire on one
-word that is a perfect interpreter, which makes end-to-end numbers checkable.
+excerpts containing (detection) or marking (fuzzing) that word, and in simulation prompts
+predicts 10 on that word's tokens and 0 elsewhere. On features that fire on one word that is
+a perfect interpreter, which makes end-to-end numbers checkable.
 
 Run ``python -m clt_lens.autointerp.stub_server`` to serve it until Ctrl-C (handy for trying
 ``clt-lens autointerp --base-url http://127.0.0.1:PORT/v1`` without an API).
@@ -276,7 +277,7 @@ def _explained_word(user: str) -> str:
 
 
 def keyword_oracle(request: dict) -> str:
-    """Answer explanation, detection and fuzzing prompts as a one-word-feature interpreter."""
+    """Answer explanation and scoring prompts as a one-word-feature interpreter."""
     messages = request.get("messages") or []
     system = next((str(m.get("content")) for m in messages if m.get("role") == "system"), "")
     user = "\n".join(str(m.get("content")) for m in messages if m.get("role") == "user")
@@ -298,6 +299,11 @@ def keyword_oracle(request: dict) -> str:
                 hit = bool(spans) and all(s == word for s in spans)
             answers.append(int(hit))
         return json.dumps(answers)
+    if kind == "simulation":
+        word = _explained_word(user)
+        levels = [[10 if word and tok.strip().lower() == word else 0 for tok in json.loads(item)]
+                  for _, item in _ITEM_RE.findall(user)]  # fmt: skip
+        return "Predicted activations:\n" + json.dumps(levels)
     return "Explanation: unrecognised prompt"
 
 
