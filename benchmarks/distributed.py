@@ -24,41 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-class SyntheticSource:
-    """Gaussian activations with a fixed linear-ReLU map; the same on every rank."""
-
-    def __init__(self, batch: int, L: int, d: int) -> None:
-        import torch
-
-        from clt_lens.training.sources import SourceInfo
-
-        self.batch, self.L, self.d, self.n = batch, L, d, 0
-        self.info = SourceInfo("synthetic@0", "synthetic", "ln2.hook_normalized", "hook_mlp_out",
-                               L, d, 128, "synthetic")
-        self.M = torch.randn(L, d, d, generator=torch.Generator().manual_seed(1)) / d**0.5
-
-    def next(self):
-        import torch
-
-        self.n += 1
-        g = torch.Generator().manual_seed(self.n)
-        x = torch.randn(self.batch, self.L, self.d, generator=g)
-        return x, torch.relu(torch.einsum("bld,lde->ble", x, self.M))
-
-    def state_dict(self):
-        return {"n": self.n}
-
-    def load_state_dict(self, s):
-        self.n = s["n"]
-
-    def close(self):
-        pass
-
-
 def child(args: argparse.Namespace) -> None:
     import torch
 
     from clt_lens.training import TrainConfig, Trainer
+    from clt_lens.training.sources import SyntheticSource
 
     L, d, F, B = args.L, args.d, args.F, args.batch
     # init threshold 0.5: ~1% of features fire from the first step, as in a trained CLT

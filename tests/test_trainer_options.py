@@ -9,29 +9,11 @@ import pytest
 import torch
 
 from clt_lens.training import TrainConfig, Trainer
-from clt_lens.training.sources import SourceInfo
+from clt_lens.training.sources import SyntheticSource
 
 
-class Synthetic:
-    def __init__(self, batch: int, L: int = 2, d: int = 16) -> None:
-        self.batch, self.L, self.d, self.n = batch, L, d, 0
-        self.info = SourceInfo("toy@0", "toy", "ln2.hook_normalized", "hook_mlp_out", L, d, 16,
-                               "synthetic")
-        self.M = torch.randn(L, d, d, generator=torch.Generator().manual_seed(1)) / d**0.5
-
-    def next(self):
-        self.n += 1
-        x = torch.randn(self.batch, self.L, self.d, generator=torch.Generator().manual_seed(self.n))
-        return x, torch.relu(torch.einsum("bld,lde->ble", x, self.M))
-
-    def state_dict(self):
-        return {"n": self.n}
-
-    def load_state_dict(self, s):
-        self.n = s["n"]
-
-    def close(self):
-        pass
+def toy_source(batch: int, L: int = 2, d: int = 16) -> SyntheticSource:
+    return SyntheticSource(batch, L, d, context_size=16)
 
 
 def cfg(tmp: Path, **kw) -> TrainConfig:
@@ -43,22 +25,22 @@ def cfg(tmp: Path, **kw) -> TrainConfig:
 
 
 def run(c: TrainConfig, micro: int) -> torch.nn.Module:
-    src = Synthetic(micro)
-    return Trainer(c, source=src, heldout=Synthetic(64).next()).train()
+    src = toy_source(micro)
+    return Trainer(c, source=src, heldout=toy_source(64).next()).train()
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path: Path):
     # 2 micro-batches of 32 read the same tokens as 1 batch of 64 (rows 0-31, 32-63 of the
     # generator's draws differ, so build the big batch from two micro draws)
-    class Pairs(Synthetic):
+    class Pairs(SyntheticSource):
         def next(self):
             a, b = super().next(), super().next()
             return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
 
     big = Trainer(cfg(tmp_path / "a", dead_window_tokens=10**9),
-                  source=Pairs(32), heldout=Synthetic(64).next()).train()
+                  source=Pairs(32, 2, 16, context_size=16), heldout=toy_source(64).next()).train()
     acc = Trainer(cfg(tmp_path / "b", grad_accum=2, dead_window_tokens=10**9),
-                  source=Synthetic(32), heldout=Synthetic(64).next()).train()
+                  source=toy_source(32), heldout=toy_source(64).next()).train()
     for (k, v), w in zip(big.state_dict().items(), acc.state_dict().values()):
         assert torch.allclose(v, w, atol=1e-5, rtol=1e-4), k
 

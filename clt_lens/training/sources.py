@@ -210,6 +210,36 @@ class StreamSource:
         pass
 
 
+class SyntheticSource:
+    """Gaussian inputs and ``y = relu(x @ M_l)`` per layer, for benchmarks and tests.
+
+    Batch n is drawn from a generator seeded with n, so the stream restores exactly and is
+    the same on every rank (what feature sharding and slice reads expect).
+    """
+
+    def __init__(self, batch_size: int, n_layers: int, d_model: int, context_size: int = 128):
+        self.batch, self.n = batch_size, 0
+        self.info = SourceInfo("synthetic@0", "synthetic", "ln2.hook_normalized", "hook_mlp_out",
+                               n_layers, d_model, context_size, "synthetic")  # fmt: skip
+        gen = torch.Generator().manual_seed(1)
+        self.M = torch.randn(n_layers, d_model, d_model, generator=gen) / d_model**0.5
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.n += 1
+        gen = torch.Generator().manual_seed(self.n)
+        x = torch.randn(self.batch, self.info.n_layers, self.info.d_model, generator=gen)
+        return x, torch.relu(torch.einsum("bld,lde->ble", x, self.M))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "synthetic", "n": self.n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n = int(state["n"])
+
+    def close(self) -> None:
+        pass
+
+
 def make_source(
     cfg: TrainConfig,
     batch_size: int,
