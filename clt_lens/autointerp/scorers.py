@@ -101,6 +101,8 @@ def simulation_set(split: ExampleSplit, max_act: float, rng: random.Random) -> S
         return "no held-out activating examples (too few examples)"
     items = [(list(ex["tokens"]), activation_levels(ex["acts"], max_act))
              for ex in [*split.heldout, *split.negatives]]  # fmt: skip
+    if len({v for _, levels in items for v in levels}) < 2:
+        return "the held-out activations all round to one level (nothing to correlate with)"
     rng.shuffle(items)
     return SimulationSet([t for t, _ in items], [lv for _, lv in items])
 
