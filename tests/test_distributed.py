@@ -48,48 +48,28 @@ COMMON = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def single(out: Path, n_steps: int, *extra: str) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "clt_lens",
-        "train",
-        *COMMON,
-        "--n_steps",
-        str(n_steps),
-        "--out_dir",
-        str(out),
-        *extra,
-    ]
+def train_cmd(out: Path, n_steps: int, mode: str | None, *extra: str, nproc: int = 2) -> list[str]:
+    """``clt_lens train`` in one process (mode None) or under torchrun with ``--distributed``."""
+    head = [sys.executable, "-m", "clt_lens"]
+    if mode is not None:
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "clt_lens"]
+    cmd = [*head, "train", *COMMON, "--n_steps", str(n_steps), "--out_dir", str(out), *extra]
+    return cmd + (["--distributed", mode] if mode is not None else [])
+
+
+def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def single(out: Path, n_steps: int, *extra: str) -> None:
+    run_ok(train_cmd(out, n_steps, None, *extra))
 
 
 def torchrun(out: Path, n_steps: int, mode: str, *extra: str, nproc: int = 2) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        "127.0.0.1:0",
-        "-m",
-        "clt_lens",
-        "train",
-        *COMMON,
-        "--n_steps",
-        str(n_steps),
-        "--out_dir",
-        str(out),
-        "--distributed",
-        mode,
-        *extra,
-    ]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_ok(train_cmd(out, n_steps, mode, *extra, nproc=nproc))
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -163,29 +143,7 @@ def test_ddp_equals_single_with_the_same_global_batch(tmp_path: Path):
 
 
 def test_uneven_feature_split_is_refused(tmp_path: Path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        "127.0.0.1:0",
-        "-m",
-        "clt_lens",
-        "train",
-        *COMMON,
-        "--d_sae",
-        "63",
-        "--n_steps",
-        "1",
-        "--out_dir",
-        str(tmp_path),
-        "--distributed",
-        "feature",
-    ]
+    cmd = train_cmd(tmp_path, 1, "feature", "--d_sae", "63")
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert r.returncode != 0
     assert "does not split evenly over 2 feature ranks" in r.stderr
@@ -200,21 +158,6 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
-
-
-def _launch(out: Path, n_steps: int, mode: str | None, nproc: int, *extra: str) -> list[str]:
-    head = [sys.executable, "-m", "clt_lens"]
-    if mode is not None:
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "clt_lens"]
-    cmd = [*head, "train", *COMMON, "--n_steps", str(n_steps), "--out_dir", str(out), *extra]
-    return cmd + (["--distributed", mode] if mode is not None else [])
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 def _worker_pid(launcher: int, rank: int) -> int | None:
@@ -240,9 +183,9 @@ def _worker_pid(launcher: int, rank: int) -> int | None:
 def test_2d_grid_equals_single(tmp_path: Path, cache_dir: Path):
     """2 data groups x 2 feature groups (4 processes) = one process with the same batch."""
     src = ["--cache_dir", str(cache_dir)]
-    _run(_launch(tmp_path / "single", 4, None, 1, *src))
-    _run(_launch(tmp_path / "grid", 4, "2d", 4, *src, "--feature_parallel_size", "2",
-                 "--data_parallel_reads", "slice"))
+    run_ok(train_cmd(tmp_path / "single", 4, None, *src))
+    run_ok(train_cmd(tmp_path / "grid", 4, "2d", *src, "--feature_parallel_size", "2",
+                     "--data_parallel_reads", "slice", nproc=4))
     assert_close(final_weights(tmp_path / "single"), final_weights(tmp_path / "grid"))
     assert_same_metrics(tmp_path / "single", tmp_path / "grid")
 
@@ -257,9 +200,9 @@ def test_ddp_shard_reads_resume_exactly_after_a_rank_dies(tmp_path: Path, cache_
 
     n = 24
     src = ["--cache_dir", str(cache_dir), "--data_parallel_reads", "shards"]
-    _run(_launch(tmp_path / "ref", n, "ddp", 2, *src))
+    run_ok(train_cmd(tmp_path / "ref", n, "ddp", *src))
     run = tmp_path / "run"
-    proc = subprocess.Popen(_launch(run, n, "ddp", 2, *src, "--checkpoint_every", "2"), env=ENV,
+    proc = subprocess.Popen(train_cmd(run, n, "ddp", *src, "--checkpoint_every", "2"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     latest = run / "checkpoints" / "LATEST"
     deadline = time.time() + 240
@@ -278,10 +221,10 @@ def test_ddp_shard_reads_resume_exactly_after_a_rank_dies(tmp_path: Path, cache_
     assert ck.name < f"step_{n:08d}"
     sae = sae_lens.SAE.load_from_disk(str(ck))
     assert sae.cfg.d_sae == 64
-    _run(_launch(run, n, "ddp", 2, *src, "--checkpoint_every", "2", "--resume", str(run)))
+    run_ok(train_cmd(run, n, "ddp", *src, "--checkpoint_every", "2", "--resume", str(run)))
     assert_close(final_weights(tmp_path / "ref"), final_weights(run), tol=1e-6)
     # one process cannot take over two ranks' separate data positions: refused, named
-    r = subprocess.run(_launch(tmp_path / "one", n, None, 1, *src, "--resume", str(run)),
+    r = subprocess.run(train_cmd(tmp_path / "one", n, None, *src, "--resume", str(run)),
                        env=ENV, capture_output=True, text=True)
     assert r.returncode != 0
     assert "2 data-parallel ranks each reading its own part" in r.stderr, r.stderr[-2000:]

@@ -174,7 +174,7 @@ def _sparse_step(clt: CrossLayerTranscoder, x_lbd: Tensor, theta: Tensor | None)
     n_layers, batch, n_feat = clt.n_layers, x_lbd.shape[1], clt.n_features
     with torch.no_grad():
         # without the bias: JumpReLU moves it into the support test, saving a pass over [L,B,F]
-        pre_nobias = torch.bmm(x_lbd, clt.W_enc.to(x_lbd.dtype))
+        pre_nobias = torch.bmm(x_lbd, clt.W_enc)
         support = _select_support(clt, pre_nobias, theta)
     pre_s = encoder_grad_gather(support, pre_nobias, x_lbd, clt.W_enc, clt.b_enc)
     del pre_nobias
