@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("clt_lens.demo", "run the whole path on the embedded default model"),
     "cache": ("clt_lens.cache.cli", "collect activations into a compressed, sharded cache"),
     "train": ("clt_lens.training.cli", "train a CLT from a cache or streamed activations"),
+    "consolidate": ("clt_lens.training.consolidate",
+                    "write a (feature-sharded) checkpoint as one SAELens folder"),
     "eval": ("clt_lens.evals.cli", "per-layer FVU/L0/dead features and replacement-model CE/KL"),
     "features": ("clt_lens.features.cli", "feature statistics and dashboard/Neuronpedia exports"),
     "autointerp": ("clt_lens.autointerp.cli", "explain and score features via an OpenAI-style API"),

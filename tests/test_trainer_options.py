@@ -55,8 +55,8 @@ def test_fp16_autocast_trains_with_a_grad_scaler_that_checkpoints(tmp_path: Path
     clt = run(cfg(tmp_path, autocast="fp16", checkpoint_every=2), 64)
     assert all(torch.isfinite(p).all() for p in clt.parameters())
     assert next(clt.parameters()).dtype == torch.float32
-    state = torch.load(tmp_path / "checkpoints" / "step_00000004" / "training_state.pt",
-                       weights_only=True)
+    state = json.loads((tmp_path / "checkpoints" / "step_00000004" / "training_state.json")
+                       .read_text())
     assert state["scaler"]["scale"] > 0
 
 

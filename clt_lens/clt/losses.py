@@ -32,6 +32,7 @@ from clt_lens.clt.activation_fns import (
     jumprelu_support_threshold,
     topk_indices,
 )
+from clt_lens.clt.comm import FeatureComm, kth_largest
 from clt_lens.clt.sparse import (
     Support,
     dense_decode_with_norms,
@@ -77,6 +78,7 @@ def training_forward(
     auxk_coeff: float | None = None,
     dead_mask: Tensor | None = None,
     reduce_fn: ReduceFn | None = None,
+    comm: FeatureComm | None = None,
 ) -> CLTStepOutput:
     """Losses of one batch. ``x_raw``/``y_raw`` [B, L, d] raw; coefficients default to the config.
 
@@ -84,6 +86,11 @@ def training_forward(
     losses; None disables both). ``reduce_fn`` maps the partial reconstruction [B, L, d]
     (sum over sources of the decoded features, before b_dec and skip) to the full one: a
     feature-sharded trainer passes an autograd-aware all-reduce.
+
+    ``comm`` connects a CLT that holds a slice of the features to the holders of the others
+    (see ``clt_lens.clt.comm``): partial reconstructions are summed through it (unless
+    ``reduce_fn`` is given), and TopK, BatchTopK and aux-k select their global top-k through it,
+    so a sharded step equals a one-process step.
     """
     cfg = clt.cfg
     clt.check_activations(x_raw, "x_raw")
@@ -99,13 +106,16 @@ def training_forward(
     preact_coeff = cfg.preact_coeff if preact_coeff is None else preact_coeff
     auxk_coeff = cfg.auxk_coeff if auxk_coeff is None else auxk_coeff
 
+    comm = comm or FeatureComm()
+    if reduce_fn is None and comm.size > 1:
+        reduce_fn = comm.sum_partials
     batch = x_raw.shape[0]
     x_lbd = clt.normalize_inputs(x_raw)
     y_n = clt.normalize_outputs(y_raw)
     theta = clt.threshold
 
-    use_sparse = _choose_sparse(clt, batch)
-    step = _sparse_step(clt, x_lbd, theta) if use_sparse else _dense_step(clt, x_lbd, theta)
+    use_sparse = _choose_sparse(clt, batch, comm)
+    step = (_sparse_step if use_sparse else _dense_step)(clt, x_lbd, theta, comm)
     clt._density_hint = step.density
     w_norm = step.w_norm
     partial = reduce_fn(step.partial) if reduce_fn is not None else step.partial
@@ -131,7 +141,7 @@ def training_forward(
     if wants_auxk and (has_dead or reduce_fn is not None):
         residual = (y_n - y_hat).detach()
         dead_pre = dead_pre if dead_pre is not None else [None] * clt.n_layers
-        losses["auxk"] = auxk_coeff * _auxk_loss(clt, dead_pre, residual, batch, reduce_fn)
+        losses["auxk"] = auxk_coeff * _auxk_loss(clt, dead_pre, residual, batch, reduce_fn, comm)
     else:
         losses["auxk"] = zero
     loss = losses["mse"] + losses["sparsity"] + losses["preact"] + losses["auxk"]
@@ -140,7 +150,7 @@ def training_forward(
         centred = y_n - y_n.mean(0, keepdim=True)
         fvu = err.pow(2).sum(dim=(0, 2)) / centred.pow(2).sum(dim=(0, 2)).clamp(min=1e-12)
         if cfg.activation == "batchtopk" and clt.training:
-            _update_topk_threshold(clt, step.min_positive)
+            _update_topk_threshold(clt, comm.all_reduce_(step.min_positive, "min"))
 
     return CLTStepOutput(
         loss=loss,
@@ -169,13 +179,15 @@ class _Decoded:
     min_positive: Tensor | None  # [L] smallest positive activation (BatchTopK only)
 
 
-def _sparse_step(clt: CrossLayerTranscoder, x_lbd: Tensor, theta: Tensor | None) -> _Decoded:
+def _sparse_step(
+    clt: CrossLayerTranscoder, x_lbd: Tensor, theta: Tensor | None, comm: FeatureComm
+) -> _Decoded:
     cfg = clt.cfg
     n_layers, batch, n_feat = clt.n_layers, x_lbd.shape[1], clt.n_features
     with torch.no_grad():
         # without the bias: JumpReLU moves it into the support test, saving a pass over [L,B,F]
         pre_nobias = torch.bmm(x_lbd, clt.W_enc)
-        support = _select_support(clt, pre_nobias, theta)
+        support = _select_support(clt, pre_nobias, theta, comm)
     pre_s = encoder_grad_gather(support, pre_nobias, x_lbd, clt.W_enc, clt.b_enc)
     del pre_nobias
     acts_s = _activate_values(clt, pre_s, theta, support)
@@ -206,11 +218,13 @@ def _sparse_step(clt: CrossLayerTranscoder, x_lbd: Tensor, theta: Tensor | None)
     )  # fmt: skip
 
 
-def _dense_step(clt: CrossLayerTranscoder, x_lbd: Tensor, theta: Tensor | None) -> _Decoded:
+def _dense_step(
+    clt: CrossLayerTranscoder, x_lbd: Tensor, theta: Tensor | None, comm: FeatureComm
+) -> _Decoded:
     cfg = clt.cfg
     batch = x_lbd.shape[1]
     pre = clt.preacts_lbf(x_lbd)
-    acts = _activate_dense(clt, pre, theta)
+    acts = _activate_dense(clt, pre, theta, comm)
     partial, w_norm = dense_decode_with_norms(acts, list(clt.W_dec))
     penalty = _penalty(cfg, acts, w_norm.unsqueeze(1))
     acts_detached = acts.detach()
@@ -227,16 +241,29 @@ def _dense_step(clt: CrossLayerTranscoder, x_lbd: Tensor, theta: Tensor | None) 
     )  # fmt: skip
 
 
-def _choose_sparse(clt: CrossLayerTranscoder, batch: int) -> bool:
+def _choose_sparse(clt: CrossLayerTranscoder, batch: int, comm: FeatureComm) -> bool:
     """(Batch)TopK know their density; threshold rules use the previous step's."""
     cfg = clt.cfg
     density = clt._density_hint
     if cfg.activation in ("topk", "batchtopk"):
-        density = cfg.k / cfg.d_sae
+        density = cfg.k / (cfg.d_sae * comm.size)
     return clt.use_sparse(batch * clt.n_layers * clt.n_features, density)
 
 
-def _select_support(clt: CrossLayerTranscoder, pre_nobias: Tensor, theta: Tensor | None) -> Support:
+def _global_topk_mask(clt: CrossLayerTranscoder, pre: Tensor, comm: FeatureComm) -> Tensor:
+    """Where a feature slice's pre-activations [L, B, F/R] are in the top k over all R slices:
+    per token (TopK) or per layer over the batch (BatchTopK). Equal to one process's selection
+    up to ties at the k-th value."""
+    n_layers, batch, n_features = pre.shape
+    if clt.cfg.activation == "topk":
+        return pre >= kth_largest(pre, clt.cfg.k, comm).unsqueeze(-1)
+    flat = pre.reshape(n_layers, batch * n_features)
+    return pre >= kth_largest(flat, clt.cfg.k * batch, comm).view(n_layers, 1, 1)
+
+
+def _select_support(
+    clt: CrossLayerTranscoder, pre_nobias: Tensor, theta: Tensor | None, comm: FeatureComm
+) -> Support:
     """Support of the training activation, from pre-activations without ``b_enc`` (no grad)."""
     cfg = clt.cfg
     n_layers, batch, n_features = pre_nobias.shape
@@ -251,6 +278,8 @@ def _select_support(clt: CrossLayerTranscoder, pre_nobias: Tensor, theta: Tensor
     pre = pre_nobias + bias
     if cfg.activation == "relu":
         return Support.from_mask(pre > 0)
+    if comm.size > 1:
+        return Support.from_mask(_global_topk_mask(clt, pre, comm))
     if cfg.activation == "topk":
         return Support.from_row_indices(topk_indices(pre, cfg.k), n_features)
     idx = batch_topk_flat_indices(pre, cfg.k)
@@ -268,12 +297,16 @@ def _activate_values(
     return pre_s.relu()
 
 
-def _activate_dense(clt: CrossLayerTranscoder, pre: Tensor, theta: Tensor | None) -> Tensor:
+def _activate_dense(
+    clt: CrossLayerTranscoder, pre: Tensor, theta: Tensor | None, comm: FeatureComm
+) -> Tensor:
     cfg = clt.cfg
     if cfg.activation == "jumprelu":
         return jumprelu(pre, theta.unsqueeze(1), cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input)
     if cfg.activation == "relu":
         return pre.relu()
+    if comm.size > 1:
+        return (pre * _global_topk_mask(clt, pre.detach(), comm)).relu()
     n_layers, batch, n_features = pre.shape
     if cfg.activation == "topk":
         idx = topk_indices(pre.detach(), cfg.k)
@@ -339,24 +372,40 @@ def _auxk_loss(
     residual: Tensor,
     batch: int,
     reduce_fn: ReduceFn | None,
+    comm: FeatureComm,
 ) -> Tensor:
     k_aux = clt.cfg.auxk_per_layer
     flat_parts, value_parts = [], []
-    n_dead_total = 0
     n_features = clt.n_features
+    n_dead = sum(entry[0].numel() for entry in dead_pre if entry is not None)
+    tau = None
+    if comm.size > 1:  # the k_aux-th largest dead pre-activation per token over all slices
+        padded = residual.new_full((clt.n_layers, batch, k_aux), -torch.inf)
+        for layer, entry in enumerate(dead_pre):
+            if entry is not None:
+                pre = entry[1].detach()
+                top = pre.topk(min(k_aux, pre.shape[-1]), dim=-1, sorted=False).values
+                padded[layer, :, : top.shape[-1]] = top
+        tau = kth_largest(padded, k_aux, comm)  # [L, B]
+        n_dead = int(comm.all_reduce_(residual.new_tensor(float(n_dead)), "sum"))
     for layer, entry in enumerate(dead_pre):
         if entry is None:
             continue
         idx, pre = entry
-        n_dead_total += idx.numel()
-        top = pre.topk(min(k_aux, idx.numel()), dim=-1, sorted=False)
-        feat = idx[top.indices]  # [B, k] feature ids
-        order = feat.argsort(dim=-1)
-        feat = feat.gather(-1, order)
-        vals = top.values.gather(-1, order).relu()
         rows = torch.arange(batch, device=pre.device).unsqueeze(1)
-        flat_parts.append(((layer * batch + rows) * n_features + feat).reshape(-1))
-        value_parts.append(vals.reshape(-1))
+        if tau is None:
+            top = pre.topk(min(k_aux, idx.numel()), dim=-1, sorted=False)
+            feat = idx[top.indices]  # [B, k] feature ids
+            order = feat.argsort(dim=-1)
+            feat = feat.gather(-1, order)
+            vals = top.values.gather(-1, order).relu()
+            flat_parts.append(((layer * batch + rows) * n_features + feat).reshape(-1))
+            value_parts.append(vals.reshape(-1))
+            continue
+        keep = pre.detach() >= tau[layer].unsqueeze(1)  # [B, n_dead]; idx is sorted
+        r, c = keep.nonzero(as_tuple=True)
+        flat_parts.append((layer * batch + r) * n_features + idx[c])
+        value_parts.append(pre[r, c].relu())
     if flat_parts:
         support = Support.from_flat(torch.cat(flat_parts), clt.n_layers, batch, n_features)
         e_hat = sparse_decode(support, torch.cat(value_parts), list(clt.W_dec))
@@ -364,7 +413,7 @@ def _auxk_loss(
         e_hat = torch.zeros_like(residual)
     if reduce_fn is not None:
         e_hat = reduce_fn(e_hat)
-    scale = min(n_dead_total / (k_aux * clt.n_layers), 1.0)
+    scale = min(n_dead / (k_aux * clt.n_layers), 1.0)
     return scale * (e_hat - residual).pow(2).sum(-1).mean(0).sum()
 
 

@@ -311,6 +311,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         auxk_coeff: float | None = None,
         dead_mask: Tensor | None = None,
         reduce_fn: ReduceFn | None = None,
+        comm: Any = None,
     ) -> Any:
         """One training step's losses (see ``clt_lens.clt.losses.training_forward``)."""
         from clt_lens.clt.losses import training_forward
@@ -324,6 +325,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
             auxk_coeff=auxk_coeff,
             dead_mask=dead_mask,
             reduce_fn=reduce_fn,
+            comm=comm,
         )
 
     # Folding and export -------------------------------------------------------------------

@@ -11,25 +11,18 @@ same code in one process.
 from __future__ import annotations
 
 import os
-import re
+import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-# Parameters split along the feature axis, with that axis. Everything else is replicated.
-_SHARDED = {"W_enc": 2, "b_enc": 1, "log_threshold": 1}
-_DEC = re.compile(r"^W_dec\.(\d+)$")
+from clt_lens.clt.comm import FeatureComm
+from clt_lens.clt.storage import feature_dim, feature_slice
 
-
-def feature_dim(name: str) -> int | None:
-    """Feature axis of a CLT parameter/buffer name, or None if it is replicated."""
-    if name in _SHARDED:
-        return _SHARDED[name]
-    if _DEC.match(name):
-        return 0
-    return None
+__all__ = ["Parallel", "feature_dim"]
 
 
 class _SumPartials(torch.autograd.Function):
@@ -48,6 +41,28 @@ class _SumPartials(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+class _GroupComm(FeatureComm):
+    """The feature group of a process grid, as ``clt_lens.clt.comm`` needs it."""
+
+    def __init__(self, group: Any, size: int) -> None:
+        self.group, self.size = group, size
+
+    def sum_partials(self, t: torch.Tensor) -> torch.Tensor:
+        return _SumPartials.apply(t, self.group)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        return torch.stack(parts)
+
+    def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        dist.all_reduce(t, op=_OPS[op], group=self.group)
+        return t
 
 
 @dataclass
@@ -82,8 +97,13 @@ class Parallel:
         """Join the process group torchrun set up (env://); single process if there is none."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if mode == "none" or world == 1:
-            if mode != "none" and world == 1:
-                pass  # a distributed config run in one process: same maths, no collectives
+            if mode != "none":  # same maths, no collectives: say so, since it is rarely meant
+                warnings.warn(
+                    f"distributed={mode!r} but no process group: training as ONE process. "
+                    "Launch every rank with torchrun, e.g. 'torchrun --nproc_per_node 8 -m "
+                    f"clt_lens train CONFIG --distributed {mode}'",
+                    stacklevel=2,
+                )
             return cls()
         if not dist.is_initialized():
             backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
@@ -130,6 +150,13 @@ class Parallel:
         return device
 
     # ---- collectives ---------------------------------------------------------------------
+    @cached_property
+    def comm(self) -> FeatureComm:
+        """The feature group for ``training_forward`` (no-op with one feature rank)."""
+        if self.feature_size == 1:
+            return FeatureComm()
+        return _GroupComm(self.feature_group, self.feature_size)
+
     def reduce_partials(self, t: torch.Tensor) -> torch.Tensor:
         if self.feature_size == 1:
             return t
@@ -171,16 +198,7 @@ class Parallel:
 
     def shard_slice(self, n: int) -> slice:
         """This rank's slice of n features (n must divide evenly; checked at setup)."""
-        per = n // self.feature_size
-        return slice(self.feature_rank * per, (self.feature_rank + 1) * per)
-
-    def gather_features(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """Concatenate the feature shards of ``t`` along ``dim`` (result on every rank)."""
-        if self.feature_size == 1:
-            return t
-        parts = [torch.empty_like(t) for _ in range(self.feature_size)]
-        dist.all_gather(parts, t.contiguous(), group=self.feature_group)
-        return torch.cat(parts, dim=dim)
+        return feature_slice(n, self.feature_rank, self.feature_size)
 
     def broadcast_object(self, obj: Any) -> Any:
         if not self.active:

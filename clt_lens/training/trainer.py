@@ -10,14 +10,26 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from clt_lens.clt.init import init_clt_
+from clt_lens.clt.storage import (
+    OPTIMIZER_STEM,
+    WEIGHTS_STEM,
+    feature_dim,
+    file_name,
+    save_tensors,
+    write_shard_index,
+)
 from clt_lens.config import ConfigError
 from clt_lens.training import checkpoint as ckpt_io
+from clt_lens.training import rng
 from clt_lens.training.config import STRUCTURAL_KEYS, TrainConfig
+from clt_lens.training.consolidate import consolidate
 from clt_lens.training.metrics import PLOT_FILE, MetricsLog, plot_training_curves
-from clt_lens.training.parallel import Parallel, feature_dim
+from clt_lens.training.parallel import Parallel
 from clt_lens.training.schedules import lr_factor, sparsity_coeff
 from clt_lens.training.sources import SourceInfo, make_source
 
@@ -73,20 +85,6 @@ def _check_auto_hooks_by_name(cfg: TrainConfig) -> None:
         resolve_hooks(cfg.model, cfg.input_hook, cfg.output_hook)
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(int(v) for v in state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # data_state.json of a run whose data ranks read different data: one position per data rank
 PER_DATA_RANK = "per_data_rank"
 
@@ -108,7 +106,9 @@ def _sq_norm(tensors: list[torch.Tensor], device: str) -> torch.Tensor:
 
 
 class Trainer:
-    """Trains a CLT. ``Trainer(cfg).train()`` returns the trained (full, unsharded) CLT.
+    """Trains a CLT. ``Trainer(cfg).train()`` returns the trained CLT: the whole CLT in one
+    process or under DDP; under feature sharding this rank's slice (``cfg.d_sae`` = F / ranks),
+    while the whole CLT is written to ``out_dir/final``.
 
     ``source`` / ``heldout`` may be injected (tests, notebooks); otherwise they are built
     from the config (a cache directory, or the model streamed on the fly).
@@ -134,11 +134,11 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self._model = model
         self.resume_from: Path | None = None
-        self._resume_state: tuple[dict, dict, dict] | None = None
+        self._resume: ckpt_io.Checkpoint | None = None
         if resume is not None:  # check compatibility before any expensive work
-            self.resume_from = ckpt_io.resolve_checkpoint(resume)
-            self._resume_state = ckpt_io.read_checkpoint(self.resume_from)
-            self._check_resume_config(self._resume_state[2])
+            self._resume = ckpt_io.Checkpoint(resume)
+            self.resume_from = self._resume.path
+            self._check_resume_config(self._resume.train_config)
         if cfg.d_sae % self.par.feature_size:
             raise ConfigError(
                 f"d_sae={cfg.d_sae} does not split evenly over {self.par.feature_size} feature "
@@ -149,18 +149,13 @@ class Trainer:
                 f"batch_size/grad_accum={cfg.micro_batch_size} does not split evenly over "
                 f"{self.par.data_size} data-parallel ranks"
             )
-        if self.par.feature_size > 1 and cfg.activation in ("topk", "batchtopk"):
-            raise ConfigError(
-                f"activation={cfg.activation} needs a global top-k and is not supported with "
-                "feature sharding yet; use jumprelu/relu or distributed=ddp"
-            )
         self.rank_batch = cfg.micro_batch_size // self.par.data_size
         self._injected_source = source is not None
         if source is None and model is None and not cfg.cache_dir:
             _check_auto_hooks_by_name(cfg)
         self.slice_reads = cfg.data_parallel_reads == "slice" and self.par.data_size > 1
-        if self._resume_state is not None:
-            self._check_data_layout(self._resume_state[1])
+        if self._resume is not None:
+            self._check_data_layout(self._resume.data_state)
         if source is None:
             if self.slice_reads:  # every rank reads the global batch and keeps its slice
                 source = make_source(
@@ -178,8 +173,8 @@ class Trainer:
         self.info: SourceInfo = self.source.info
         self._resolve_auto_hooks()
         self._check_source()
-        if self._resume_state is not None:  # the hook keys, now that "auto" is resolved
-            self._check_resume_config(self._resume_state[2])
+        if self._resume is not None:  # the hook keys, now that "auto" is resolved
+            self._check_resume_config(self._resume.train_config)
         self.heldout = heldout
         self.log = MetricsLog(
             self.run_dir,
@@ -300,85 +295,24 @@ class Trainer:
             src.close()
         return torch.cat(xs), torch.cat(ys)
 
-    def _shard(self, full):
-        """This rank's feature slice of a full CLT (a copy with d_sae = F / feature_size)."""
-        if self.par.feature_size == 1:
-            return full
-        local = build_clt(
-            self.cfg, self.info, d_sae=self.cfg.d_sae // self.par.feature_size, device=self.device
-        )
-        sl = self.par.shard_slice(self.cfg.d_sae)
-        full_state = full.state_dict()
-        new = {}
-        for name, t in full_state.items():
-            fd = feature_dim(name)
-            new[name] = t.narrow(fd, sl.start, sl.stop - sl.start).clone() if fd is not None else t
-        local.load_state_dict(new)
-        return local
-
-    def gather_full_state(self) -> dict[str, torch.Tensor]:
-        """The full (unsharded) CLT state dict, assembled from the feature shards."""
-        state = self.clt.state_dict()
-        if self.par.feature_size == 1:
-            return {k: v.detach().clone() for k, v in state.items()}
-        return {
-            k: (
-                self.par.gather_features(v.detach(), fd)
-                if (fd := feature_dim(k)) is not None
-                else v.detach().clone()
-            )
-            for k, v in state.items()
-        }
-
-    # ---- optimizer state by parameter name (world-size independent) -------------------
-    def _optimizer_state(self) -> dict[str, Any]:
-        names = {id(p): n for n, p in self.clt.named_parameters()}
-        out: dict[str, Any] = {}
-        for group in self.opt.param_groups:
-            for p in group["params"]:
-                st = self.opt.state.get(p)
-                if not st:
-                    continue
-                name = names[id(p)]
-                fd = feature_dim(name)
-                entry = {}
-                for key, val in st.items():
-                    if torch.is_tensor(val) and val.dim() > 0 and fd is not None:
-                        val = self.par.gather_features(val, fd)
-                    entry[key] = val.detach().cpu().clone() if torch.is_tensor(val) else val
-                out[name] = entry
-        return out
-
-    def _load_optimizer_state(self, saved: dict[str, Any]) -> None:
-        sl = self.par.shard_slice(self.cfg.d_sae)
-        for name, p in self.clt.named_parameters():
-            if name not in saved:
-                continue
-            fd = feature_dim(name)
-            st = {}
-            for key, val in saved[name].items():
-                if torch.is_tensor(val) and val.dim() > 0 and fd is not None:
-                    val = val.narrow(fd, sl.start, sl.stop - sl.start)
-                st[key] = (
-                    val.to(p.device).clone() if torch.is_tensor(val) and val.dim() > 0 else val
-                )
-            self.opt.state[p] = st
-
     # ---- the loop -------------------------------------------------------------------------
     def _setup_model(self) -> None:
-        cfg = self.cfg
+        """This rank's slice of the CLT, its optimizer and state: fresh, or read from the
+        checkpoint being resumed. Nothing with the whole feature axis is ever built."""
+        cfg, par = self.cfg, self.par
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        full = build_clt(cfg, self.info, device=self.device)
-        if self._resume_state is not None:
-            from sae_lens import SAE
-
-            loaded = SAE.load_from_disk(str(self.resume_from), device=self.device)
-            full.load_state_dict(loaded.state_dict())
+        np.random.seed(cfg.seed)
+        self.features = par.shard_slice(cfg.d_sae)
+        clt = build_clt(cfg, self.info, d_sae=cfg.d_sae // par.feature_size, device=self.device)
+        if self._resume is not None:
+            self._read_tensors(clt.state_dict(), self._resume.weights(), "weights")
         else:
+            init_clt_(clt, seed=cfg.seed, feature_start=self.features.start,
+                      total_features=cfg.d_sae)  # fmt: skip
             x, y = self._normalization_sample()
-            full.estimate_normalization(x.to(self.device), y.to(self.device))
-        self.clt = self._shard(full)
+            clt.estimate_normalization(x.to(self.device), y.to(self.device))
+        self.clt = clt
         self.clt.train()
         self.params = [p for p in self.clt.parameters() if p.requires_grad]
         self.opt = make_adam(self.params, cfg, torch.device(self.device).type)
@@ -388,24 +322,63 @@ class Trainer:
         self.tokens = 0
         self.last_checkpoint: Path | None = None
         self.l0_target_hit = False
+        self._last_plot = time.monotonic()
         self.scaler = None
         if cfg.autocast == "fp16":
             self.scaler = torch.amp.GradScaler(torch.device(self.device).type)
-        if self._resume_state is not None:
-            state, data_state, _ = self._resume_state
-            self._load_optimizer_state(state["optimizer"])
-            self.step, self.tokens = int(state["step"]), int(state["tokens"])
-            since = state["since_fired"]
-            self.since_fired = since[:, self.par.shard_slice(self.cfg.d_sae)].to(self.device)
-            self.l0_target_hit = bool(state.get("l0_target_hit", False))
-            if self.scaler is not None and "scaler" in state:
-                self.scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
-            if data_state.get("kind") == PER_DATA_RANK:
-                data_state = data_state["ranks"][self.par.data_rank]
-            self.source.load_state_dict(data_state)
-            self.last_checkpoint = self.resume_from
-            self.log.truncate_after(self.step)
+        if self._resume is not None:
+            self._resume_training_state(self._resume)
+
+    def _read_tensors(self, dest: dict[str, torch.Tensor], reader: Any, what: str) -> None:
+        """Copy this rank's slice of every tensor of ``dest`` from a checkpoint reader."""
+        for name, t in dest.items():
+            got = reader.read(name, self.features if feature_dim(name) is not None else None)
+            if tuple(got.shape) != tuple(t.shape):
+                raise ckpt_io.CheckpointError(
+                    f"checkpoint {self.resume_from}: {what} tensor {name!r} has shape "
+                    f"{tuple(got.shape)} for this rank's slice, expected {tuple(t.shape)}"
+                )
+            with torch.no_grad():
+                t.copy_(got)
+
+    def _resume_training_state(self, ck: ckpt_io.Checkpoint) -> None:
+        par = self.par
+        opt = ck.optimizer()
+        index = {id(p): i for i, p in enumerate(self.params)}
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, p in self.clt.named_parameters():
+            if id(p) not in index or f"{name}.exp_avg" not in opt:
+                continue
+            entry = {}
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                val = opt.read(f"{name}.{key}", self.features if key != "step" else None)
+                entry[key] = val if key == "step" else val.to(p.device)
+            if tuple(entry["exp_avg"].shape) != tuple(p.shape):
+                raise ckpt_io.CheckpointError(
+                    f"checkpoint {ck.path}: Adam state of {name!r} has shape "
+                    f"{tuple(entry['exp_avg'].shape)}, expected {tuple(p.shape)}"
+                )
+            state[index[id(p)]] = entry
+        saved = self.opt.state_dict()
+        saved["state"] = state
+        self.opt.load_state_dict(saved)  # applies torch's device/dtype rules for "step"
+        since = opt.read("since_fired", self.features)
+        self.since_fired.copy_(since.to(self.device))
+        st = ck.state
+        self.step, self.tokens = int(st["step"]), int(st["tokens"])
+        self.l0_target_hit = bool(st.get("l0_target_hit", False))
+        if self.scaler is not None and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        same = ck.world == {"data_size": par.data_size, "feature_size": par.feature_size}
+        rank_state = ck.rank_state(par.rank, same)
+        rng.restore(rank_state["rng"])
+        self.clt._density_hint = rank_state.get("density_hint")
+        data_state = ck.data_state
+        if data_state.get("kind") == PER_DATA_RANK:
+            data_state = data_state["ranks"][par.data_rank]
+        self.source.load_state_dict(data_state)
+        self.last_checkpoint = ck.path
+        self.log.truncate_after(self.step)
 
     def _autocast(self):
         if self.cfg.autocast == "none":
@@ -483,7 +456,7 @@ class Trainer:
             bar.close()
             self.log.close()
             self.source.close()
-        return self.full_clt()
+        return self.clt
 
     def _l0_target_reached(self, rec: dict[str, Any]) -> bool:
         cfg = self.cfg
@@ -527,7 +500,7 @@ class Trainer:
                     preact_coeff=cfg.preact_coeff,
                     auxk_coeff=cfg.auxk_coeff,
                     dead_mask=dead,
-                    reduce_fn=par.reduce_partials,
+                    comm=par.comm,
                 )
             loss = out.loss / cfg.grad_accum
             if not torch.isfinite(out.loss):
@@ -594,8 +567,9 @@ class Trainer:
             device=self.device,
             dtype=torch.float64,
         )
-        # mse is identical across a feature group; the penalties are per shard
-        term_t[1:] = par.sum_features(term_t[1:].clone())
+        # mse and aux-k come from the summed reconstruction, identical across a feature group;
+        # the sparsity and pre-activation penalties are per shard
+        term_t[1:3] = par.sum_features(term_t[1:3].clone())
         term_t = par.sum_data(term_t) / par.data_size
         mse, sp, pre, aux = term_t.tolist()
         dead_frac = (self.since_fired >= cfg.dead_window_tokens).double().sum(-1)
@@ -617,6 +591,7 @@ class Trainer:
             "l0": sum(l0) / L,
             "l0_per_layer": l0,
             "dead_frac_per_layer": dead_frac,
+            "decode_mode": out.decode_mode,
         }
 
     @torch.no_grad()
@@ -701,60 +676,76 @@ class Trainer:
     def _ckpt_name(self) -> str:
         return f"step_{self.step:08d}"
 
-    def full_clt(self):
-        """The full CLT (all features) with the current weights."""
-        if self.par.feature_size == 1:
-            return self.clt
-        full = build_clt(self.cfg, self.info, device=self.device)
-        full.load_state_dict(self.gather_full_state())
-        return full
+    def _optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's Adam state by parameter name, and its feature-health counters."""
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.clt.named_parameters():
+            for key, val in self.opt.state.get(p, {}).items():
+                if torch.is_tensor(val):
+                    out[f"{name}.{key}"] = val.detach()
+        out["since_fired"] = self.since_fired
+        return out
+
+    def _full_cfg_dict(self) -> dict[str, Any]:
+        d = self.clt.cfg.to_dict()
+        d["d_sae"] = self.cfg.d_sae  # the slice's config with the whole feature count
+        return d
 
     def save_checkpoint(self) -> Path:
+        """Every rank writes its own slice into a staging directory; rank 0 commits it.
+
+        Collective: every rank calls it. Data ranks of one feature slice hold the same
+        tensors, so only data rank 0 writes them; replicated tensors go to feature shard 0.
+        """
         cfg, par = self.cfg, self.par
-        full = self.full_clt()  # collective when sharded: every rank takes part
-        opt_state = self._optimizer_state()
+        name = self._ckpt_name()
         data_state = self._data_state()  # collective with per-rank data positions
-        since = par.gather_features(self.since_fired, 1)
-        state = {
-            "step": self.step,
-            "tokens": self.tokens,
-            "optimizer": opt_state,
-            "since_fired": since.cpu(),
-            "rng": _rng_state(),
-            "l0_target_hit": self.l0_target_hit,
-            "world": {"data_size": par.data_size, "feature_size": par.feature_size},
-        }
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        path = self.ckpt_root / self._ckpt_name()
         if par.is_main:
-            path = ckpt_io.write_checkpoint(
-                self.ckpt_root,
-                self._ckpt_name(),
-                full.save_model,
-                state,
-                data_state,
-                asdict(cfg),
-                keep=cfg.keep_checkpoints,
-            )
-            plot_training_curves(self.log.path, self.run_dir / PLOT_FILE)
+            ckpt_io.begin(self.ckpt_root, name)
+        par.barrier()
+        tmp = ckpt_io.staging_dir(self.ckpt_root, name)
+        k, n_shards = par.feature_rank, par.feature_size
+        if par.data_rank == 0:
+            weights = {n: t.detach() for n, t in self.clt.state_dict().items()
+                       if k == 0 or feature_dim(n) is not None}  # fmt: skip
+            save_tensors(tmp / file_name(WEIGHTS_STEM, k, n_shards), weights)
+            opt = {n: t for n, t in self._optimizer_tensors().items()
+                   if k == 0 or feature_dim(n) is not None}  # fmt: skip
+            save_tensors(tmp / file_name(OPTIMIZER_STEM, k, n_shards), opt)
+        ckpt_io.write_json(ckpt_io.rank_file(tmp, par.rank),
+                           {"rank": par.rank, "rng": rng.capture(),
+                            "density_hint": self.clt._density_hint})  # fmt: skip
+        if par.is_main:
+            ckpt_io.write_json(tmp / "cfg.json", self._full_cfg_dict())
+            ckpt_io.write_json(tmp / ckpt_io.CONFIG_FILE, asdict(cfg))
+            ckpt_io.write_json(tmp / ckpt_io.DATA_STATE_FILE, data_state)
+            ckpt_io.write_json(tmp / ckpt_io.STATE_FILE, {
+                "step": self.step,
+                "tokens": self.tokens,
+                "l0_target_hit": self.l0_target_hit,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "world": {"data_size": par.data_size, "feature_size": par.feature_size},
+            })  # fmt: skip
+            if n_shards > 1:
+                write_shard_index(tmp, n_shards, cfg.d_sae)
+        par.barrier()  # every rank's files are written and fsynced
+        path = self.ckpt_root / name
+        if par.is_main:
+            ckpt_io.commit(self.ckpt_root, name, keep=cfg.keep_checkpoints)
+            if time.monotonic() - self._last_plot > 60:
+                plot_training_curves(self.log.path, self.run_dir / PLOT_FILE)
+                self._last_plot = time.monotonic()
         par.barrier()
         self.last_checkpoint = path
         return path
 
     def _write_final(self) -> None:
+        """``final/``: the last checkpoint as a plain SAELens folder (streamed from the shards
+        of a feature-sharded run, one chunk in memory at a time)."""
         if not self.par.is_main:
             return
-        import shutil
-
         final = self.run_dir / "final"
-        tmp = self.run_dir / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for f in ("cfg.json", "sae_weights.safetensors", ckpt_io.CONFIG_FILE):
-            shutil.copy2(self.last_checkpoint / f, tmp / f)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        consolidate(self.last_checkpoint, final)
         plot_training_curves(self.log.path, self.run_dir / PLOT_FILE)
 
 
