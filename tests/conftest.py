@@ -17,3 +17,14 @@ def embedded_model():
     from clt_lens.models import load_model
 
     return load_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory, embedded_model):
+    """A 16k-token activation cache of the embedded model (4 shards), shared by training tests."""
+    from clt_lens.cache import CacheConfig, generate_cache
+
+    out = tmp_path_factory.mktemp("small_cache") / "cache"
+    generate_cache(CacheConfig(out_dir=str(out), n_tokens=16384, shard_tokens=4096,
+                               progress=False), model=embedded_model)  # fmt: skip
+    return out

@@ -1,4 +1,6 @@
-"""torchrun on CPU (gloo, 2 processes): feature sharding and DDP equal one process."""
+"""The real ``torchrun`` launcher on CPU (gloo, 2 processes): a feature-sharded run, and a DDP
+run whose rank dies. Most distributed properties are tested with forked ranks, which start
+without re-importing everything (tests/test_sharding.py, tests/test_resume.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_procs import run_to_end
 
 pytestmark = pytest.mark.distributed
 
@@ -101,52 +104,23 @@ def assert_same_metrics(a: Path, b: Path) -> None:
                                   rtol=1e-5, atol=1e-6), (x["step"], key, x[key], y[key])
 
 
-def test_feature_sharded_equals_single_and_resumes_in_one_process(tmp_path: Path):
-    n = 6
-    single(tmp_path / "single", n)
-    torchrun(
-        tmp_path / "feature", n, "feature", "--checkpoint_every", "3", "--keep_checkpoints", "5"
-    )
-    ref = final_weights(tmp_path / "single")
-    assert_close(ref, final_weights(tmp_path / "feature"))
-    assert_same_metrics(tmp_path / "single", tmp_path / "feature")
-    # the sharded run's checkpoint loads in one process and resumes there (world size 2 -> 1)
-    import sae_lens
-
-    import clt_lens  # noqa: F401
-
-    ck = tmp_path / "feature" / "checkpoints" / "step_00000003"
-    sae = sae_lens.SAE.load_from_disk(str(ck))
-    assert sae.cfg.d_sae == 64 and sae.W_enc.shape[-1] == 64
-    # ... and exports to a circuit-tracer set that encodes like it
-    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
-
-    from clt_lens.circuits.export import write_circuit_tracer_set
-
-    ct = write_circuit_tracer_set(ck, tmp_path / "circuit_tracer")
-    tc = load_clt(str(ct), feature_input_hook="ln2.hook_normalized", device=torch.device("cpu"),
-                  dtype=torch.float32)
-    x = torch.randn(16, sae.n_layers, sae.cfg.d_in)
-    ours = sae.encode(x)
-    for layer in range(sae.n_layers):
-        assert torch.allclose(tc.encode_layer(x[:, layer], layer), ours[:, layer], atol=1e-5)
-    single(tmp_path / "feature", n, "--resume", str(ck), "--checkpoint_every", "3")
-    assert_close(ref, final_weights(tmp_path / "feature"))
-
-
-def test_ddp_equals_single_with_the_same_global_batch(tmp_path: Path):
+def test_torchrun_feature_sharded_run_is_consolidated_and_exports(tmp_path: Path):
+    """The real launcher: 2 feature ranks under torchrun equal one process; the run's final/ is
+    consolidated from the shards, and ``clt-lens consolidate`` / ``export`` take a sharded
+    checkpoint straight from the run directory."""
     n = 4
     single(tmp_path / "single", n)
-    torchrun(tmp_path / "ddp", n, "ddp", "--data_parallel_reads", "slice")
-    assert_close(final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp"))
-    assert_same_metrics(tmp_path / "single", tmp_path / "ddp")
-
-
-def test_uneven_feature_split_is_refused(tmp_path: Path):
-    cmd = train_cmd(tmp_path, 1, "feature", "--d_sae", "63")
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
-    assert r.returncode != 0
-    assert "does not split evenly over 2 feature ranks" in r.stderr
+    run = tmp_path / "feature"
+    torchrun(run, n, "feature", "--checkpoint_every", "2")
+    assert_close(final_weights(tmp_path / "single"), final_weights(run))
+    assert_same_metrics(tmp_path / "single", run)
+    ck = run / "checkpoints" / "step_00000004"
+    assert (ck / "shards.json").is_file() and not (ck / "sae_weights.safetensors").exists()
+    out = tmp_path / "consolidated"
+    run_ok([sys.executable, "-m", "clt_lens", "consolidate", str(run), "--out", str(out)])
+    assert_close(final_weights(run), load_file(str(out / "sae_weights.safetensors")), tol=0)
+    r = run_ok([sys.executable, "-m", "clt_lens", "export", str(ck), str(tmp_path / "ct")])
+    assert (tmp_path / "ct" / "W_dec_0.safetensors").is_file(), r.stdout
 
 
 # ---- the activation cache as the source: per-rank shard reads, a 2-D grid, a dead rank --------
@@ -180,27 +154,24 @@ def _worker_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-def test_2d_grid_equals_single(tmp_path: Path, cache_dir: Path):
-    """2 data groups x 2 feature groups (4 processes) = one process with the same batch."""
-    src = ["--cache_dir", str(cache_dir)]
-    run_ok(train_cmd(tmp_path / "single", 4, None, *src))
-    run_ok(train_cmd(tmp_path / "grid", 4, "2d", *src, "--feature_parallel_size", "2",
-                     "--data_parallel_reads", "slice", nproc=4))
-    assert_close(final_weights(tmp_path / "single"), final_weights(tmp_path / "grid"))
-    assert_same_metrics(tmp_path / "single", tmp_path / "grid")
-
-
 def test_ddp_shard_reads_resume_exactly_after_a_rank_dies(tmp_path: Path, cache_dir: Path):
-    """Each DDP rank reads its own cache shards; killing one rank fails the whole run with
-    torchrun's error, the last checkpoint stays whole, and resuming from it on the same layout
-    ends where an uninterrupted run ends."""
+    """Each DDP rank reads its own cache shards; killing one rank under torchrun fails the whole
+    run with torchrun's error, the last checkpoint stays whole, and resuming from it on the same
+    layout ends where an uninterrupted run ends (reference and resume run as forked ranks)."""
     import sae_lens
 
     import clt_lens  # noqa: F401
+    from clt_lens.config import ConfigError, load_config
+    from clt_lens.training import TrainConfig, Trainer
 
-    n = 24
+    n = 12
     src = ["--cache_dir", str(cache_dir), "--data_parallel_reads", "shards"]
-    run_ok(train_cmd(tmp_path / "ref", n, "ddp", *src))
+
+    def flags(out: Path, *extra: str) -> list[str]:
+        return [*COMMON, "--n_steps", str(n), "--out_dir", str(out), "--distributed", "ddp",
+                *src, *extra]  # fmt: skip
+
+    run_to_end(flags(tmp_path / "ref"), nproc=2)
     run = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(run, n, "ddp", *src, "--checkpoint_every", "2"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -221,10 +192,9 @@ def test_ddp_shard_reads_resume_exactly_after_a_rank_dies(tmp_path: Path, cache_
     assert ck.name < f"step_{n:08d}"
     sae = sae_lens.SAE.load_from_disk(str(ck))
     assert sae.cfg.d_sae == 64
-    run_ok(train_cmd(run, n, "ddp", *src, "--checkpoint_every", "2", "--resume", str(run)))
+    run_to_end(flags(run, "--checkpoint_every", "2"), resume=run, nproc=2)
     assert_close(final_weights(tmp_path / "ref"), final_weights(run), tol=1e-6)
     # one process cannot take over two ranks' separate data positions: refused, named
-    r = subprocess.run(train_cmd(tmp_path / "one", n, None, *src, "--resume", str(run)),
-                       env=ENV, capture_output=True, text=True)
-    assert r.returncode != 0
-    assert "2 data-parallel ranks each reading its own part" in r.stderr, r.stderr[-2000:]
+    cfg = load_config(TrainConfig, None, [*COMMON, "--out_dir", str(tmp_path / "one"), *src])
+    with pytest.raises(ConfigError, match="2 data-parallel ranks each reading its own part"):
+        Trainer(cfg, resume=run)

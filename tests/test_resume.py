@@ -49,16 +49,6 @@ REGIMES = {
 }
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, embedded_model) -> Path:
-    from clt_lens.cache import CacheConfig, generate_cache
-
-    out = tmp_path_factory.mktemp("resume_cache") / "cache"
-    generate_cache(CacheConfig(out_dir=str(out), n_tokens=16384, shard_tokens=4096,
-                               progress=False), model=embedded_model)  # fmt: skip
-    return out
-
-
 def _records(run: Path) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == "train"]
@@ -79,7 +69,7 @@ def test_sigkill_and_resume_is_bit_identical(regime: str, tmp_path: Path, embedd
     extra, seed, from_cache, nproc = REGIMES[regime]
     set_model(embedded_model)
     if from_cache:
-        extra = [*extra, "--cache_dir", str(request.getfixturevalue("cache_dir"))]
+        extra = [*extra, "--cache_dir", str(request.getfixturevalue("small_cache"))]
     rng = random.Random(seed)
     kills = [rng.randrange(2, 6), rng.randrange(8, N_STEPS - 2)]
 

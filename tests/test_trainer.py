@@ -1,13 +1,9 @@
-"""The trainer end to end on the embedded model: outputs, determinism, exact resume, errors."""
+"""The trainer end to end on the embedded model: outputs, determinism, errors (exact resume:
+tests/test_resume.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -65,42 +61,6 @@ def test_determinism(tmp_path: Path, embedded_model):
                 model=embedded_model).train()
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
-
-
-def _train_cmd(out: Path, n_steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "clt_lens", "train", *SMALL, "--n_steps", str(n_steps),
-            "--out_dir", str(out), "--eval_every", "1000", *extra]
-
-
-def test_resume_after_sigkill_is_bit_identical(tmp_path: Path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    n = 60
-    ref = tmp_path / "ref"
-    subprocess.run(_train_cmd(ref, n), check=True, env=env, capture_output=True)
-    run = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(run, n, "--checkpoint_every", "5"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = run / "checkpoints" / "LATEST"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if latest.exists() and latest.read_text().strip() >= "step_00000010":
-            break
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = latest.read_text().strip()
-    assert killed_at < f"step_{n:08d}"
-    subprocess.run(_train_cmd(run, n, "--checkpoint_every", "5", "--resume", str(run)),
-                   check=True, env=env, capture_output=True)
-    a, b = weights(ref), weights(run)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after resume from {killed_at}"
-    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in recs if r["kind"] == "train"]
-    assert steps == list(range(2, n + 1, 2)), "the resumed run's metrics log has gaps or repeats"
 
 
 def test_incompatible_resume_refused_before_training(tmp_path: Path, embedded_model):

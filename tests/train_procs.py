@@ -9,12 +9,14 @@ same order. A feature-sharded run forks one child per rank, joined over gloo.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +46,15 @@ def _train(args: list[str], resume: str | None) -> None:
     trainer.par.shutdown()
 
 
-def _child(args: list[str], resume: str | None, env: dict[str, str], err: Path) -> None:
+def _child(args: list[str], resume: str | None, env: dict[str, str], err: Path,
+           wrap: Callable[[int], Any] | None) -> None:
     try:
         import torch
 
         torch.set_num_threads(1)
         os.environ.update(env)
-        _train(args, resume)
+        with wrap(int(env.get("RANK", "0"))) if wrap else contextlib.nullcontext():
+            _train(args, resume)
     except BaseException:
         err.write_text(traceback.format_exc())
         os._exit(1)
@@ -58,9 +62,13 @@ def _child(args: list[str], resume: str | None, env: dict[str, str], err: Path) 
 
 
 class Run:
-    """One training launch: one process, or ``nproc`` feature-sharded ranks."""
+    """One training launch: one process, or ``nproc`` ranks joined over gloo.
 
-    def __init__(self, args: list[str], resume: str | Path | None = None, nproc: int = 1):
+    ``wrap(rank)``, if given, is a context manager entered around the training in each child
+    (to watch or slow down what the real code does)."""
+
+    def __init__(self, args: list[str], resume: str | Path | None = None, nproc: int = 1,
+                 wrap: Callable[[int], Any] | None = None):
         self.out = Path(args[args.index("--out_dir") + 1])
         self.out.mkdir(parents=True, exist_ok=True)
         port = str(_free_port())
@@ -75,7 +83,7 @@ class Run:
             err = self.out / f".child_error_{rank}.txt"
             err.unlink(missing_ok=True)
             p = _CTX.Process(target=_child, args=(args, None if resume is None else str(resume),
-                                                   env, err))  # fmt: skip
+                                                   env, err, wrap))  # fmt: skip
             p.start()
             self.procs.append(p)
             self.errs.append(err)
@@ -113,11 +121,11 @@ def latest_step(run_dir: Path) -> int:
 
 
 def run_to_end(args: list[str], resume: str | Path | None = None, nproc: int = 1,
-               in_process: bool = False) -> None:
+               in_process: bool = False, wrap: Callable[[int], Any] | None = None) -> None:
     """Train to the end. ``in_process`` runs in this process with one thread (as a child
     would), which also warms what later forks inherit (tokenized corpus, plotting imports)."""
     if not in_process:
-        Run(args, resume, nproc).wait()
+        Run(args, resume, nproc, wrap).wait()
         return
     import torch
 

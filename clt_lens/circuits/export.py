@@ -10,8 +10,10 @@ Two layouts (REFERENCE.md section 3):
   ``x @ W_skip.T``). Read by ``load_transcoder_set``.
 
 circuit-tracer encodes the raw hook activation (no normalisation, no b_dec subtraction), so the
-weights written are ``clt.folded_weights()``: activation scaling folded in, thresholds of the rule
-``a = pre * (pre > theta)``.
+weights written are those of ``clt.folded_weights()``: activation scaling folded in, thresholds of
+the rule ``a = pre * (pre > theta)``. They are computed one source layer at a time, from the CLT
+object or straight from a checkpoint's files (a SAELens folder or a feature-sharded checkpoint),
+so writing a set from disk holds about one layer's decoder in memory, never the model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +31,8 @@ import yaml
 from safetensors.torch import save_file
 
 from clt_lens.circuits.errors import CircuitsError
-from clt_lens.circuits.loading import CONFIG_YAML, load_clt
+from clt_lens.circuits.loading import CONFIG_YAML, load_clt, read_clt_config, resolve_checkpoint_dir
+from clt_lens.clt.storage import WEIGHTS_STEM, TensorReader
 
 Layout = Literal["auto", "cross_layer", "per_layer"]
 LAYOUTS = ("auto", "cross_layer", "per_layer")
@@ -36,9 +40,10 @@ LAYOUTS = ("auto", "cross_layer", "per_layer")
 
 def default_scan(clt: Any, model_name: str | None = None, source: str | Path | None = None) -> str:
     """A readable identifier for the transcoders of a graph (circuit-tracer's ``scan``)."""
-    name = model_name or clt.cfg.metadata.model_name or "model"
-    kind = "clt" if clt.cfg.cross_layer else "plt"
-    tail = Path(source).name if source is not None else f"{kind}-{clt.cfg.d_sae}"
+    cfg = getattr(clt, "cfg", clt)
+    name = model_name or cfg.metadata.model_name or "model"
+    kind = "clt" if cfg.cross_layer else "plt"
+    tail = Path(source).name if source is not None else f"{kind}-{cfg.d_sae}"
     return _clean_scan(f"clt-lens/{name}/{tail}")
 
 
@@ -47,10 +52,11 @@ def _clean_scan(scan: str) -> str:
 
 
 def resolve_layout(clt: Any, layout: Layout = "auto") -> Literal["cross_layer", "per_layer"]:
-    """The file layout ``clt`` is written in; raises for what circuit-tracer cannot load."""
+    """The file layout ``clt`` (a CLT or its config) is written in; raises for what
+    circuit-tracer cannot load."""
     if layout not in LAYOUTS:
         raise CircuitsError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
-    cfg = clt.cfg
+    cfg = getattr(clt, "cfg", clt)
     if cfg.activation == "topk":
         raise CircuitsError(
             "a TopK CLT cannot be exported: circuit-tracer 0.5.0 runs only ReLU and JumpReLU "
@@ -74,48 +80,84 @@ def resolve_layout(clt: Any, layout: Layout = "auto") -> Literal["cross_layer", 
     return resolved  # type: ignore[return-value]
 
 
-def circuit_tracer_tensors(
-    clt: Any, layout: Layout = "auto", dtype: torch.dtype = torch.float32
-) -> dict[str, dict[str, torch.Tensor]]:
-    """File name -> tensors of the circuit-tracer set for ``clt`` (CPU, contiguous, ``dtype``)."""
-    resolved = resolve_layout(clt, layout)
-    w = clt.folded_weights()
-    n_layers, n_feat, d = clt.cfg.n_layers, clt.cfg.d_sae, clt.cfg.d_in
+class _Weights:
+    """Raw-space weights of one source layer at a time, from a CLT object or a checkpoint."""
+
+    def __init__(self, src: Any) -> None:
+        if isinstance(src, TensorReader):
+            self.whole, self.layer = src.read, src.read_index
+        else:
+            tensors = {**dict(src.named_parameters()), **dict(src.named_buffers())}
+            self.whole = lambda n: tensors[n].detach()
+            self.layer = lambda n, i: tensors[n][i].detach()
+        self.s_in, self.s_out = self.whole("input_scale"), self.whole("output_scale")
+
+    def source_layer(self, cfg: Any, i: int) -> dict[str, torch.Tensor | None]:
+        s_in, s_out = self.s_in, self.s_out
+        w_dec = self.whole(f"W_dec.{i}")  # [F, n_targets, d]
+        targets = torch.arange(i, i + w_dec.shape[1])
+        threshold = None
+        if cfg.activation == "jumprelu":
+            threshold = self.layer("log_threshold", i).exp()
+        elif cfg.activation == "batchtopk":
+            threshold = self.whole("topk_threshold")[i].clamp(min=0).expand(cfg.d_sae)
+        return {
+            "W_enc": self.layer("W_enc", i) * s_in[i],  # [d, F]
+            "b_enc": self.layer("b_enc", i),
+            "threshold": threshold,
+            "W_dec": w_dec / s_out[targets][None, :, None],
+            "b_dec": self.layer("b_dec", i) / s_out[i],
+            "W_skip": self.layer("W_skip", i) * (s_in[i] / s_out[i]) if cfg.skip else None,
+        }
+
+
+def _iter_files(
+    weights: _Weights, cfg: Any, resolved: str, dtype: torch.dtype
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(file name, tensors) of the set, one source layer at a time."""
+    n_layers, n_feat, d = cfg.n_layers, cfg.d_sae, cfg.d_in
 
     def prep(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device="cpu", dtype=dtype).contiguous()
 
-    files: dict[str, dict[str, torch.Tensor]] = {}
     for i in range(n_layers):
-        w_dec = w["W_dec"][i]  # [F, n_targets, d]
+        w = weights.source_layer(cfg, i)
+        w_dec = w["W_dec"]  # [F, n_targets, d]
         if resolved == "cross_layer":
             if w_dec.shape[1] != n_layers - i:  # a PLT written as a CLT: zero off-diagonal blocks
                 full = torch.zeros(n_feat, n_layers - i, d, dtype=w_dec.dtype)
                 full[:, 0] = w_dec[:, 0].cpu()
                 w_dec = full
             enc = {
-                f"W_enc_{i}": prep(w["W_enc"][i].T),
-                f"b_enc_{i}": prep(w["b_enc"][i]),
-                f"b_dec_{i}": prep(w["b_dec"][i]),
+                f"W_enc_{i}": prep(w["W_enc"].T),
+                f"b_enc_{i}": prep(w["b_enc"]),
+                f"b_dec_{i}": prep(w["b_dec"]),
             }
             if w["threshold"] is not None:
-                enc[f"threshold_{i}"] = prep(w["threshold"][i])
-            files[f"W_enc_{i}.safetensors"] = enc
-            files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": prep(w_dec)}
+                enc[f"threshold_{i}"] = prep(w["threshold"])
+            yield f"W_enc_{i}.safetensors", enc
+            yield f"W_dec_{i}.safetensors", {f"W_dec_{i}": prep(w_dec)}
         else:
             layer = {
-                "W_enc": prep(w["W_enc"][i].T),
+                "W_enc": prep(w["W_enc"].T),
                 "W_dec": prep(w_dec[:, 0]),
-                "b_enc": prep(w["b_enc"][i]),
-                "b_dec": prep(w["b_dec"][i]),
+                "b_enc": prep(w["b_enc"]),
+                "b_dec": prep(w["b_dec"]),
             }
             if w["threshold"] is not None:
-                layer["activation_function.threshold"] = prep(w["threshold"][i])
+                layer["activation_function.threshold"] = prep(w["threshold"])
             if w["W_skip"] is not None:
                 # ours: y += x @ W_skip[i]; circuit-tracer's per-layer skip: x @ W_skip.T
-                layer["W_skip"] = prep(w["W_skip"][i].T)
-            files[f"layer_{i}.safetensors"] = layer
-    return files
+                layer["W_skip"] = prep(w["W_skip"].T)
+            yield f"layer_{i}.safetensors", layer
+
+
+def circuit_tracer_tensors(
+    clt: Any, layout: Layout = "auto", dtype: torch.dtype = torch.float32
+) -> dict[str, dict[str, torch.Tensor]]:
+    """File name -> tensors of the circuit-tracer set for ``clt`` (CPU, contiguous, ``dtype``)."""
+    resolved = resolve_layout(clt, layout)
+    return dict(_iter_files(_Weights(clt), clt.cfg, resolved, dtype))
 
 
 def write_circuit_tracer_set(
@@ -145,21 +187,26 @@ def write_circuit_tracer_set(
             "refusing to replace it"
         )
     source = clt_or_checkpoint_dir if isinstance(clt_or_checkpoint_dir, str | Path) else None
-    clt = load_clt(clt_or_checkpoint_dir)
-    resolved = resolve_layout(clt, layout)
-    files = circuit_tracer_tensors(clt, resolved, dtype)
-    cfg = clt.cfg
+    if source is not None:  # read layer by layer from the files: no whole CLT in memory
+        from clt_lens.clt import CLTConfig
+
+        cfg = CLTConfig.from_dict({**read_clt_config(source), "device": "cpu"})
+        weights = _Weights(TensorReader(resolve_checkpoint_dir(source), WEIGHTS_STEM))
+    else:
+        clt = load_clt(clt_or_checkpoint_dir)
+        cfg, weights = clt.cfg, _Weights(clt)
+    resolved = resolve_layout(cfg, layout)
     model_name = model_name or cfg.metadata.model_name
     config: dict[str, Any] = {
         "model_kind": "cross_layer_transcoder" if resolved == "cross_layer" else "transcoder_set",
         "feature_input_hook": cfg.input_hook,
         "feature_output_hook": cfg.output_hook,
-        "scan": _clean_scan(scan) if scan else default_scan(clt, model_name, source),
+        "scan": _clean_scan(scan) if scan else default_scan(cfg, model_name, source),
         "clt_lens": {
             "n_layers": cfg.n_layers,
             "d_model": cfg.d_in,
             "d_transcoder": cfg.d_sae,
-            "activation": "relu" if clt.inference_threshold() is None else "jumprelu",
+            "activation": "jumprelu" if cfg.activation in ("jumprelu", "batchtopk") else "relu",
             "source_activation": cfg.activation,
             "cross_layer": cfg.cross_layer,
             "skip": cfg.skip,
@@ -174,7 +221,7 @@ def write_circuit_tracer_set(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a set is meant to be shared
-        for name, tensors in files.items():
+        for name, tensors in _iter_files(weights, cfg, resolved, dtype):
             save_file(tensors, str(tmp / name))
         with open(tmp / CONFIG_YAML, "w") as f:
             yaml.safe_dump(config, f, sort_keys=False)

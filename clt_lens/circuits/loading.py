@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from clt_lens.circuits.errors import CircuitsError
+from clt_lens.clt.storage import SHARD_INDEX, is_sharded, sharded_disk_loader
 
 CONFIG_YAML = "config.yaml"
 
@@ -32,6 +33,8 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
             candidates.append(latest.parent / latest.read_text().strip())
     for c in candidates:
         if (c / "cfg.json").is_file():
+            if (c / SHARD_INDEX).is_file():  # feature-sharded: read through TensorReader
+                return c.resolve()
             if not (c / "sae_weights.safetensors").is_file():
                 raise CircuitsError(f"CLT checkpoint {str(c)!r} has cfg.json but no "
                                     "sae_weights.safetensors")
@@ -71,8 +74,11 @@ def load_clt(clt_or_path: Any, *, device: str | torch.device = "cpu") -> Any:
         )
     read_clt_config(clt_or_path)
     from sae_lens import SAE
+    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 
-    clt = SAE.load_from_disk(str(resolve_checkpoint_dir(clt_or_path)), device=str(device))
+    ckpt = resolve_checkpoint_dir(clt_or_path)
+    converter = sharded_disk_loader if is_sharded(ckpt) else sae_lens_disk_loader
+    clt = SAE.load_from_disk(str(ckpt), device=str(device), converter=converter)
     if not isinstance(clt, CrossLayerTranscoder):
         raise CircuitsError(f"{clt_or_path} did not load as a CrossLayerTranscoder")
     return clt.eval()

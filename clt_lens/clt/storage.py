@@ -224,12 +224,24 @@ class TensorReader:
                 raise ShardError(f"{self.files[k]} has no tensor {name!r}")
             sl = self._handles[k].get_slice(name)
             index = tuple(slice(None) if d != fd else slice(a, b) for d in range(fd + 1))
-            parts.append(sl[index])
+            parts.append(sl[index])  # a strided view of the file's bytes
         if not parts:
             shape = list(self.shape(name))
             shape[fd] = 0
             return torch.empty(shape, dtype=self._handles[0].get_slice(name).get_dtype_torch())
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=fd)
+        # contiguous: a strided slice handed to e.g. a fused optimizer would be read row-major
+        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=fd)
+
+    def read_index(self, name: str, i: int) -> Tensor:
+        """``tensor[i]`` along dim 0 (e.g. one layer of ``W_enc`` [L, d, F]), from every shard."""
+        self._check(name)
+        fd = feature_dim(name)
+        if fd == 0:
+            raise ShardError(f"{name}: dim 0 is the feature axis; use read(name, slice)")
+        if fd is None:
+            return self._handles[0].get_slice(name)[i : i + 1][0]
+        parts = [h.get_slice(name)[i : i + 1][0] for h in self._handles]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=fd - 1)
 
     def chunks(self, name: str, rows: int = 1) -> Iterator[Tensor]:
         """The whole tensor in row-major chunks of at most ``rows`` indices of dim 0, each read
@@ -262,3 +274,16 @@ def write_shard_index(ckpt: Path, n_shards: int, n_features: int) -> None:
         json.dumps({"format": SHARD_FORMAT, "version": 1, "feature_shards": n_shards,
                     "n_features": n_features}, indent=2),  # fmt: skip
     )
+
+
+def sharded_disk_loader(
+    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A SAELens ``converter`` for checkpoints in either layout:
+    ``SAE.load_from_disk(path, converter=sharded_disk_loader)`` assembles a feature-sharded
+    checkpoint in one process (the whole CLT in memory; ``clt-lens consolidate`` avoids that)."""
+    from sae_lens.loading.pretrained_sae_loaders import get_sae_lens_config_from_disk
+
+    cfg = get_sae_lens_config_from_disk(path, device, cfg_overrides)
+    reader = TensorReader(path, WEIGHTS_STEM)
+    return cfg, {n: reader.read(n).to(device) for n in reader.names()}

@@ -181,6 +181,14 @@ class Checkpoint:
             self._optimizer = None
         self.world = self.state.get("world", {"data_size": 1, "feature_size": 1})
         self.sharded = is_sharded(self.path)
+        n_shards = self.world["feature_size"] if self.sharded else 1
+        stems = [WEIGHTS_STEM] + ([] if self.legacy else [OPTIMIZER_STEM])
+        for k in range(n_shards):  # every file, before any work
+            for stem in stems:
+                if not (self.path / file_name(stem, k, n_shards)).is_file():
+                    raise CheckpointError(
+                        f"checkpoint {str(self.path)!r} lacks {file_name(stem, k, n_shards)}"
+                    )
 
     def weights(self) -> TensorReader:
         return TensorReader(self.path, WEIGHTS_STEM)

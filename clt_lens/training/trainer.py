@@ -352,12 +352,13 @@ class Trainer:
             entry = {}
             for key in ("step", "exp_avg", "exp_avg_sq"):
                 val = opt.read(f"{name}.{key}", self.features if key != "step" else None)
-                entry[key] = val if key == "step" else val.to(p.device)
-            if tuple(entry["exp_avg"].shape) != tuple(p.shape):
-                raise ckpt_io.CheckpointError(
-                    f"checkpoint {ck.path}: Adam state of {name!r} has shape "
-                    f"{tuple(entry['exp_avg'].shape)}, expected {tuple(p.shape)}"
-                )
+                if key != "step" and tuple(val.shape) != tuple(p.shape):
+                    raise ckpt_io.CheckpointError(
+                        f"checkpoint {ck.path}: Adam state {name}.{key} has shape "
+                        f"{tuple(val.shape)} for this rank's slice, expected {tuple(p.shape)}"
+                    )
+                # the param's own layout: the fused Adam kernel walks state and param together
+                entry[key] = val if key == "step" else torch.empty_like(p).copy_(val)
             state[index[id(p)]] = entry
         saved = self.opt.state_dict()
         saved["state"] = state
