@@ -10,7 +10,9 @@ same code in one process.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,9 +35,10 @@ class _SumPartials(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor, group: Any) -> torch.Tensor:
+    def forward(ctx: Any, t: torch.Tensor, comm: _GroupComm) -> torch.Tensor:
         out = t.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        with comm.timed("sum_partials", out):
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=comm.group)
         return out
 
     @staticmethod
@@ -47,21 +50,36 @@ _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp
 
 
 class _GroupComm(FeatureComm):
-    """The feature group of a process grid, as ``clt_lens.clt.comm`` needs it."""
+    """The feature group of a process grid, as ``clt_lens.clt.comm`` needs it.
+
+    ``stats`` counts, per collective, the bytes this rank sent and the seconds it waited
+    (benchmarks/distributed.py reports them)."""
 
     def __init__(self, group: Any, size: int) -> None:
         self.group, self.size = group, size
+        self.stats: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def timed(self, op: str, t: torch.Tensor):
+        start = time.perf_counter()
+        yield
+        st = self.stats.setdefault(op, {"bytes": 0.0, "seconds": 0.0, "calls": 0.0})
+        st["bytes"] += t.numel() * t.element_size()
+        st["seconds"] += time.perf_counter() - start
+        st["calls"] += 1
 
     def sum_partials(self, t: torch.Tensor) -> torch.Tensor:
-        return _SumPartials.apply(t, self.group)
+        return _SumPartials.apply(t, self)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
+        with self.timed("gather_topk", t):
+            dist.all_gather(parts, t.contiguous(), group=self.group)
         return torch.stack(parts)
 
     def all_reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        dist.all_reduce(t, op=_OPS[op], group=self.group)
+        with self.timed(f"all_reduce_{op}", t):
+            dist.all_reduce(t, op=_OPS[op], group=self.group)
         return t
 
 
@@ -158,9 +176,7 @@ class Parallel:
         return _GroupComm(self.feature_group, self.feature_size)
 
     def reduce_partials(self, t: torch.Tensor) -> torch.Tensor:
-        if self.feature_size == 1:
-            return t
-        return _SumPartials.apply(t, self.feature_group)
+        return self.comm.sum_partials(t)
 
     def sum_features(self, t: torch.Tensor) -> torch.Tensor:
         if self.feature_size > 1:
