@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from test_circuits_common import PROMPT, feature_marker, make_features_dir
 
-from clt_lens.circuits import CircuitsError, attribute_prompt
+from clt_lens.circuits import CircuitsError, attribute_prompt, cantor_pair, write_viewer_features
 from clt_lens.circuits.synthetic import random_clt
 from clt_lens.serve import LOCAL_SCAN_PREFIX, find_viewer_js, local_index_html, serve
 
@@ -38,22 +38,31 @@ CHROMIUM_FLAGS = [
 def graph_dir(tmp_path_factory, embedded_model):
     root = tmp_path_factory.mktemp("viewer")
     clt = random_clt(embedded_model, d_sae=128, seed=21)
+    ckpt = root / "ckpt"  # on disk, so the graph's metadata names it for interventions
+    clt.save_model(ckpt)
     explanations = {(layer, i): f"explained {layer}/{i}" for layer in range(4)
                     for i in range(128)}
     fdir = make_features_dir(root / "features", clt, explanations=explanations)
     out = root / "graphs"
-    res = attribute_prompt(clt, PROMPT, model=embedded_model, max_feature_nodes=60,
+    res = attribute_prompt(ckpt, PROMPT, model=embedded_model, max_feature_nodes=60,
                            batch_size=64, out_dir=out, slug="tobe", features_dir=fdir)
+    with open(fdir / "autointerp.jsonl", "a") as f:  # a scored explanation for one page
+        f.write(json.dumps({"layer": 1, "index": 5, "status": "ok", "explanation": "scored 1/5",
+                            "method": "test", "model": "test-llm", "usage": {}, "error": None,
+                            "scores": {"detection": {"balanced_accuracy": 0.875}}}) + "\n")
+    write_viewer_features(fdir, out, res.scan, features=[(1, 5)])
     return out, res
 
 
-def _get(url: str, data: bytes | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+def _get(url: str, data: bytes | None = None,
+         ctype: str = "application/json") -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                 headers={"Content-Type": ctype})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, b""
+        return e.code, e.read()
 
 
 def test_server_routes(graph_dir, tmp_path):
@@ -74,8 +83,27 @@ def test_server_routes(graph_dir, tmp_path):
                             f"{node['feature']}.json")
         page = json.loads(body)
         assert status == 200 and page["index"] == node["feature"] and page["examples_quantiles"]
-        status, body = _get(f"{url}feature_data/{res.viewer_features_dir.name}/999999.json")
-        assert json.loads(body)["isDead"] is True
+        # a missing page is a 404 whose message the viewer shows (workbench.js)
+        missing = cantor_pair(2, 77)
+        status, body = _get(f"{url}feature_data/{res.viewer_features_dir.name}/{missing}.json")
+        page = json.loads(body)
+        assert status == 404 and page["isDead"] is True
+        assert "no feature page for layer 2 feature 77" in page["error"]
+        status, body = _get(f"{url}feature_data/elsewhere/{missing}.json")
+        assert status == 404 and "no feature pages in features/elsewhere" in json.loads(body)[
+            "error"]
+        # feature nodes link to their page; our scripts are on the page
+        assert node["vis_link"].startswith("./feature.html?slug=tobe&layer=")
+        status, body = _get(url + "index.html")
+        assert b"./workbench/workbench.js" in body and b"./workbench/workbench.css" in body
+        for asset in ("workbench/workbench.js", "feature.html", "help.html"):
+            assert _get(url + asset)[0] == 200, asset
+        # the page with decoder norms and scores
+        status, body = _get(f"{url}feature_data/{res.viewer_features_dir.name}/"
+                            f"{cantor_pair(1, 5)}.json")
+        page = json.loads(body)
+        assert len(page["decoder_norms"]) == 3 and page["explanation"] == "scored 1/5"
+        assert page["explanation_scores"]["detection"]["balanced_accuracy"] == 0.875
         # bundled viewer files are served; nothing outside the allowed folders is
         status, body = _get(url + "util.js")
         assert status == 200 and b"getFile" in body
@@ -92,6 +120,10 @@ def test_server_routes(graph_dir, tmp_path):
         assert json.loads(res.json_path.read_text())["qParams"] == {"pinnedIds": "1_2_3"}
         status, _ = _get(url + "save_graph/nope", b'{"qParams": {}}')
         assert status == 404
+        # another site cannot post a form to it (text/plain needs no CORS preflight)
+        status, _ = _get(url + "save_graph/tobe", b'{"qParams": {}}', ctype="text/plain")
+        assert status == 415
+        assert json.loads(res.json_path.read_text())["qParams"] == {"pinnedIds": "1_2_3"}
 
 
 def test_index_html_points_at_local_scripts():

@@ -371,7 +371,8 @@ def attribute_prompt(
     json_path = out / f"{slug}.json"
     data = json.loads(json_path.read_text())
     n_renamed = fix_error_node_ids(data, graph, node_threshold, edge_threshold)
-    data["metadata"][SOURCE_KEY] = source_record(clt_checkpoint_or_clt, summary, model, ht)
+    data["metadata"][SOURCE_KEY] = {**source_record(clt_checkpoint_or_clt, summary, model, ht),
+                                    "prompt_ids": [int(t) for t in tokens]}
 
     n_labelled = 0
     viewer_dir = None
