@@ -521,10 +521,10 @@
     var nav = document.querySelector('.nav');
     if (nav && !nav.querySelector('.clt-wb-toggle')) {
       var save = nav.querySelector('.save-button');
-      var buttons = [
-        el('a', {cls: 'clt-wb-help-link', href: './help.html', target: '_blank', text: 'Help'}),
-        el('button', {cls: 'clt-wb-toggle', text: 'Intervene', onclick: function () { toggle(); }})];
-      buttons.forEach(function (b) { nav.insertBefore(b, save || null); });
+      nav.insertBefore(el('span', {cls: 'clt-wb-nav'}, [
+        el('a', {cls: 'clt-wb-help-link', href: './help.html', target: '_blank', text: 'help'}),
+        el('button', {cls: 'clt-wb-toggle', text: 'Intervene', onclick: function () { toggle(); }}),
+      ]), save || null);
     }
     renderTargets();
     loadStatus(slug);
