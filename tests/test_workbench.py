@@ -318,6 +318,8 @@ def test_endpoint_validates_every_field(setup):
         assert status == 400 and "no feature page" in got["error"], got
         status, got = call(url, {"slug": "tobe", "interventions": [ok]}, ctype="text/plain")
         assert status == 415
+        # all of the above were refused before the model was loaded
+        assert call(srv.url + "api/workbench/tobe")[1]["loaded"] is False
         # checks that need the tokenizer: positions of a typed prompt, its length
         status, got = call(url, {"slug": "tobe", "prompt": "The king",
                                  "interventions": [{**ok, "position": 7}]})

@@ -311,13 +311,20 @@ class _Step:
 
 
 def _step(rm: Any, tokens: torch.Tensor, ivs: list[Intervention], freeze: bool,
-          direct_only: bool, capture: Sequence[int] = ()) -> _Step:
+          direct_only: bool, capture: Sequence[int] = (), report: bool = True) -> _Step:
     """The un-intervened run (frozen values, scale bases) and the intervened run of ``tokens``.
 
     With ``direct_only`` circuit-tracer freezes the scales itself (constrained over all layers).
+    Without ``report`` (continuation steps) the un-intervened run is skipped when nothing needs
+    it.
     """
-    clean_logits, clean_acts, scales, clean_inputs = _clean_run(
-        rm, tokens, freeze and not direct_only, capture)
+    keep_scales = freeze and not direct_only
+    if report or keep_scales or any(iv.op == "scale" for iv in ivs):
+        clean_logits, clean_acts, scales, clean_inputs = _clean_run(
+            rm, tokens, keep_scales, capture)
+    else:
+        clean_logits = clean_acts = torch.empty(0)
+        scales, clean_inputs = {}, {}
     ct_ivs = _circuit_tracer_interventions(ivs, clean_acts, len(tokens))
     logits, acts, inputs = _intervened_run(rm, tokens, ct_ivs, scales, freeze, direct_only,
                                            capture)
@@ -434,7 +441,7 @@ def intervene(
         return rm(t)[0, -1]
 
     def intervened_next(t: torch.Tensor) -> torch.Tensor:
-        return _step(rm, t, ivs, freeze, direct_only).logits[-1]
+        return _step(rm, t, ivs, freeze, direct_only, report=False).logits[-1]
 
     cont_b = _greedy(plain_next, tokens, lo_b, max_new_tokens, eos)
     cont_a = _greedy(intervened_next, tokens, lo_a, max_new_tokens, eos)
