@@ -525,7 +525,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.clt is not None and not Path(args.clt).expanduser().exists():
         raise CircuitsError(f"--clt {args.clt!r} does not exist")
     url_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-    print(f"serving {d} at http://{url_host}:{args.port}/  (Ctrl-C stops)", flush=True)
+    print(f"serving {d} at http://{url_host}:{args.port}/  (Ctrl-C stops)")
+    print("interventions: off (--read-only)" if args.read_only else
+          "interventions: on (the transcoders and model a graph names load on its first run; "
+          "--read-only turns them off)", flush=True)
     try:
         serve(d, host=args.host, port=args.port, js_dir=args.js_dir, background=False,
               verbose=args.verbose, read_only=args.read_only, clt=args.clt, model=args.model,

@@ -417,6 +417,13 @@ def test_viewer_ablation_from_the_graph_page(graph_dir, tmp_path):
             assert r["freeze"] is True and r["graph_prompt"] is True
             assert "Next token, before" in got["text"] and "continuation" in got["text"]
             assert "The graph's output logits" in got["text"]
+            # the page's "same run in Python" gives the page's numbers
+            code = driver.js("return document.querySelector('.clt-wb-python pre').textContent")
+            scope: dict = {}
+            exec(code, scope)  # noqa: S102 - our own generated snippet
+            assert [row["id"] for row in scope["r"].top_after] == [i for i, _, _ in got["after"]]
+            for row, (_, _, p_after) in zip(scope["r"].top_after, got["after"]):
+                assert row["prob_after"] == pytest.approx(p_after, abs=1e-6)
             driver.screenshot(shots / "viewer_ablation.png")
             driver.js("document.querySelector('.clt-wb-logits').scrollIntoView()")
             driver.screenshot(shots / "viewer_ablation_results.png")
@@ -460,6 +467,9 @@ def test_viewer_supernode_saved_reloaded_and_intervened(graph_dir, tmp_path):
     out, res = graph_dir
     shots = _shot_dir(tmp_path)
     saved = res.json_path.read_text()
+    fresh = json.loads(saved)
+    fresh["qParams"] = {}  # nothing pinned or grouped (test_server_routes saves a pin)
+    res.json_path.write_text(json.dumps(fresh))
     with serve(out, port=0) as srv:
         driver = WebDriver(chromium, chromedriver)
         try:

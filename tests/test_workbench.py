@@ -216,6 +216,7 @@ def test_endpoint_returns_the_python_numbers(setup, embedded_model):
     # a feature of the graph (it has a page, so its maximum activation is known)
     gl, gf, _ = map(int, next(n["node_id"] for n in graph["nodes"]
                              if n["feature_type"] == "cross layer transcoder").split("_"))
+    files_before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with serve(out, port=0) as srv:
         status, st = call(srv.url + "api/workbench/tobe")
         assert status == 200 and st["available"] and not st["loaded"]
@@ -269,6 +270,8 @@ def test_endpoint_returns_the_python_numbers(setup, embedded_model):
                 row["id"]]), abs=TOL)
         status, st = call(srv.url + "api/workbench/tobe")
         assert st["loaded"] is True
+    # interventions write nothing into the served folder
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files_before
 
 
 def test_endpoint_validates_every_field(setup):
@@ -389,3 +392,18 @@ def test_graph_metadata_names_its_sources(setup):
     assert meta["transcoders_kind"] == "clt_checkpoint" and meta["model"] == "embedded"
     assert meta["model_id"].startswith("embedded@") and (meta["n_layers"], meta["d_sae"]) == (4, 64)
     assert meta["prompt_ids"] == setup["tokens"].tolist()
+
+
+def test_serve_cli_options(setup, tmp_path, capsys):
+    import argparse
+
+    from clt_lens.cli import main
+    from clt_lens.serve import add_arguments
+
+    assert main(["serve", str(setup["out"]), "--clt", str(tmp_path / "missing")]) == 2
+    assert "--clt" in capsys.readouterr().err
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args([str(setup["out"]), "--read-only", "--model", "embedded",
+                         "--device", "cpu"])
+    assert args.read_only and args.model == "embedded" and args.host == "127.0.0.1"

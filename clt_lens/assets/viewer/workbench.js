@@ -168,7 +168,28 @@
       container.append(continuation('before:', r.continuation_before, '…' + tail));
       container.append(continuation('after:', r.continuation_after, '…' + tail));
     }
+    container.append(el('details', {cls: 'clt-wb-python'}, [
+      el('summary', {text: 'the same run in Python'}), el('pre', {text: pythonCall(r)})]));
   };
+
+  function pythonCall(r) {
+    var py = function (x) { return x === true ? 'True' : x === false ? 'False' : JSON.stringify(x); };
+    var ivs = r.interventions.map(function (iv) {
+      return '    Intervention(layer=' + iv.layer + ', feature=' + iv.feature + ', position=' +
+        (iv.position === 'all' ? 'None' : iv.position) + ', op=' + py(iv.op) +
+        (iv.op === 'ablate' ? '' : ', value=' + iv.value) + '),';
+    });
+    return [
+      'from clt_lens.circuits import Intervention, intervene, load_replacement_model',
+      'rm = load_replacement_model(' + py(r.transcoders) + ', ' + py(r.model) + ')',
+      'prompt = ' + (r.graph_prompt ? py(r.prompt_ids) + '  # the graph\'s tokens, BOS first'
+                                    : py(r.prompt)),
+      'r = intervene(rm, prompt, [',
+    ].concat(ivs).concat([
+      '], freeze=' + py(r.freeze) + ', direct_only=' + py(r.direct_only) +
+        ', max_new_tokens=' + r.max_new_tokens + ')',
+    ]).join('\n');
+  }
 
   // Everything below is for the graph page; feature.html has no viewer scripts.
   if (!window.initCg || !window.util) return;
