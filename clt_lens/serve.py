@@ -326,10 +326,11 @@ class ViewerHandler(http.server.SimpleHTTPRequestHandler):
             if (self.server.data_dir / FEATURES_SUBDIR / folder / INDEX_FILE).is_file():
                 data["metadata"]["scan"] = LOCAL_SCAN_PREFIX + folder
         for node in data.get("nodes", []):
-            if node.get("feature_type") == "cross layer transcoder" and not node.get("vis_link"):
-                layer, index, _ = str(node.get("node_id")).split("_")
-                query = urllib.parse.urlencode({"slug": slug, "layer": layer, "index": index,
-                                                "node": node.get("node_id")})
+            parts = str(node.get("node_id")).split("_")
+            if (node.get("feature_type") == "cross layer transcoder" and len(parts) == 3
+                    and not node.get("vis_link")):
+                query = urllib.parse.urlencode({"slug": slug, "layer": parts[0],
+                                                "index": parts[1], "node": node["node_id"]})
                 node["vis_link"] = f"./feature.html?{query}"
         return json.dumps(data).encode()
 

@@ -378,7 +378,9 @@ def intervene(
     ``max_new_tokens``: length of the greedy continuations before and after (0: none).
     ``logit_tokens``: tokens (single-token strings or ids) whose logit change is reported, e.g.
     an attribution graph's output nodes. ``watch``: ``(layer, feature, position)`` features
-    whose activation before and after is reported (e.g. the target of an edge).
+    whose activation and pre-activation before and after are reported (e.g. the target of an
+    edge: with ``direct_only``, ablating the source moves the target's pre-activation by minus
+    the edge weight).
     """
     t0 = time.perf_counter()
     _check_model(replacement_model)

@@ -10,7 +10,8 @@
   fails the answer is 503 with the reason.
 - One request runs at a time per loaded model: another request for it meanwhile gets 429 "busy".
 - The run is ``clt_lens.circuits.intervene``: the page shows what a Python call returns.
-- Nothing is written anywhere.
+- Nothing is written into the served folder (a CLT checkpoint passes through a temporary
+  circuit-tracer set in the system temp folder while it loads, as for attribution).
 """
 
 from __future__ import annotations
