@@ -337,7 +337,9 @@ def _feature_nodes(driver: WebDriver) -> list:
 
 def _run_and_wait(driver: WebDriver) -> dict:
     """Click Run; the result rows (token id, p before, p after) of both probability tables."""
-    driver.js("window.cltWorkbench.lastResult = null")
+    # few continuation tokens: each is a forward pass with and without the intervention
+    driver.js("window.cltWorkbench.lastResult = null;"
+              "document.querySelector('.clt-wb-ntokens').value = 3")
     driver.click(driver.js("return document.querySelector('.clt-wb-run')"))
     done = driver.wait_js(
         "var e = document.querySelector('.clt-wb-error');"
@@ -398,6 +400,7 @@ def test_viewer_ablation_from_the_graph_page(graph_dir, tmp_path):
                       "document.querySelector('.clt-wb-positions').value = '99';"
                       "document.querySelector('input[name=clt-wb-pos][value=list]')"
                       ".checked = true;")
+            driver.js("document.querySelector('.clt-wb-ntokens').value = 3")
             driver.click(driver.js("return document.querySelector('.clt-wb-run')"))
             error = driver.wait_js("var e = document.querySelector('.clt-wb-error');"
                                    "return e && !e.hidden && e.textContent", timeout=120)
@@ -442,7 +445,8 @@ def test_viewer_ablation_from_the_graph_page(graph_dir, tmp_path):
             assert "L1F5" in text  # the examples' marker token
             assert driver.js("return document.querySelector('.fp-back').getAttribute('href')") \
                 == "./index.html?slug=tobe&clickedId=1_5_3"
-            driver.js("document.querySelector('.fp-steer textarea').value = 'The king'")
+            driver.js("document.querySelector('.fp-steer textarea').value = 'The king';"
+                      "document.querySelector('.fp-steer .clt-wb-ntokens').value = 3")
             driver.click(driver.js("return document.querySelector('.fp-steer .clt-wb-run')"))
             steered = driver.wait_js(
                 "var e = document.querySelector('.fp-steer .clt-wb-error');"

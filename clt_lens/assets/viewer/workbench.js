@@ -144,10 +144,12 @@
       return Math.abs(w.pre_after - w.pre_before) > 1e-6;
     }).sort(function (a, b) {
       return Math.abs(b.pre_after - b.pre_before) - Math.abs(a.pre_after - a.pre_before);
-    }).slice(0, 10);
+    });
     if (r.watched && r.watched.length) {
       container.append(el('div', {cls: 'clt-wb-subtitle',
-        text: 'Graph features that changed most (' + changed.length + ' of ' + r.watched.length + ' shown)'}));
+        text: 'Graph features that changed: ' + changed.length + ' of ' + r.watched.length +
+              (changed.length > 10 ? ' (the 10 largest)' : '')}));
+      changed = changed.slice(0, 10);
       container.append(el('table', {cls: 'clt-wb-table clt-wb-watched'}, [
         el('thead', {}, [el('tr', {}, ['feature', 'activation before', 'after', 'Δ pre-activation']
           .map(function (h) { return el('th', {text: h}); }))]),
