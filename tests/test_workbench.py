@@ -376,9 +376,19 @@ def test_endpoint_busy_read_only_and_unavailable(setup, embedded_model, tmp_path
         status, got = call(srv.url + "api/intervene", body)
         assert status == 503 and "does not exist" in got["error"] and "--clt" in got["error"]
         assert call(srv.url + "api/workbench/tobe")[1]["reason"] == got["error"]
+    # --clt names them instead; a graph from before prompt ids were recorded still runs on
+    # its own prompt when the text tokenizes back to its tokens
+    del data["metadata"]["clt_lens"]["prompt_ids"]
+    (moved / "tobe.json").write_text(json.dumps(data))
     with serve(moved, port=0, clt=setup["ckpt"]) as srv:
         status, st = call(srv.url + "api/workbench/tobe")
         assert st["available"] is True
+        status, got = call(srv.url + "api/intervene", body)
+        assert status == 200 and got["prompt_ids"] == setup["tokens"].tolist(), got
+        data["metadata"]["prompt_tokens"][2] = " bee"
+        (moved / "tobe.json").write_text(json.dumps(data))
+        status, got = call(srv.url + "api/intervene", body)
+        assert status == 400 and "does not tokenize back" in got["error"]
     data["metadata"]["clt_lens"]["transcoders"] = None
     (moved / "tobe.json").write_text(json.dumps(data))
     with serve(moved, port=0) as srv:

@@ -184,7 +184,7 @@ class Workbench:
         prompt = req.get("prompt")
         graph_ids = None
         if prompt is None:
-            graph_ids = self._graph_prompt_ids(graph)
+            graph_ids = _graph_prompt_ids(graph)
         elif not isinstance(prompt, str) or not prompt.strip():
             raise _bad("prompt must be a non-empty string, or null for the graph's prompt")
         elif len(prompt) > LIMITS["max_prompt_chars"]:
@@ -211,13 +211,6 @@ class Workbench:
             raise _bad("direct_only freezes attention, norms and MLPs: it needs freeze true")
         opts["max_new_tokens"] = n_new
         return opts
-
-    def _graph_prompt_ids(self, graph: dict[str, Any]) -> list[int]:
-        ids = (graph.get("metadata", {}).get("clt_lens") or {}).get("prompt_ids")
-        if not (isinstance(ids, list) and len(ids) >= 2 and all(_is_int(i) for i in ids)):
-            raise _bad("this graph does not record its prompt's token ids (made by an older "
-                       "clt_lens): type the prompt into the page, or attribute it again")
-        return ids
 
     def _interventions(self, items: Any, src: dict[str, Any], graph: dict[str, Any],
                        graph_ids: list[int] | None) -> list[dict[str, Any]]:
@@ -340,6 +333,8 @@ class Workbench:
             self._state[key] = "loading"
             rm = self._load(src)
             self._state[key] = "running an intervention"
+            if prompt is None and not all(_is_int(i) for i in graph_ids):
+                graph_ids = _retokenized_graph_prompt(rm, graph)
             try:
                 tokens = prompt_ids(rm, graph_ids if prompt is None else prompt)
             except CircuitsError as e:
@@ -372,6 +367,34 @@ class Workbench:
                    max_new_tokens=n_new, transcoders=src["transcoders"], model=src["model"],
                    request_seconds=time.perf_counter() - t0)
         return out
+
+
+def _graph_prompt_ids(graph: dict[str, Any]) -> list[Any]:
+    """The graph's prompt token ids (BOS first) as attribution recorded them; for graphs made
+    before they were recorded, placeholders of the right length (``_retokenized_graph_prompt``
+    fills them in once the tokenizer is loaded)."""
+    meta = graph.get("metadata") or {}
+    ids = (meta.get("clt_lens") or {}).get("prompt_ids")
+    if isinstance(ids, list) and len(ids) >= 2 and all(_is_int(i) for i in ids):
+        return ids
+    tokens = meta.get("prompt_tokens")
+    if not (isinstance(tokens, list) and len(tokens) >= 2 and isinstance(meta.get("prompt"), str)):
+        raise _bad("this graph records neither its prompt's token ids nor its tokens: type the "
+                   "prompt into the page, or attribute it again")
+    return [None] * len(tokens)
+
+
+def _retokenized_graph_prompt(rm: Any, graph: dict[str, Any]) -> list[int]:
+    """Token ids of an older graph's prompt text, accepted only if they decode to exactly the
+    tokens the graph lists."""
+    meta = graph["metadata"]
+    tok = rm.tokenizer
+    ids = [int(i) for i in tok(meta["prompt"], add_special_tokens=False)["input_ids"]]
+    if [tok.decode([i]) for i in ids] != meta["prompt_tokens"]:
+        raise _bad("this graph does not record its prompt's token ids, and its prompt text "
+                   "does not tokenize back to its tokens: type the prompt into the page, or "
+                   "attribute it again")
+    return ids
 
 
 def _graph_features(graph: dict[str, Any]) -> list[tuple[int, int, int]]:
