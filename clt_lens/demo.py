@@ -119,6 +119,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     st.done()
 
     st.start("7/7 index")
+    _write_viewer_help(out)
     index = _write_index(out, result, graph, dashboards, np_export, autointerp, st.times)
     st.done()
     total = time.perf_counter() - st.t0
@@ -130,7 +131,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         ("circuit-tracer set", ct_dir), ("graph", graph.json_path),
     ]:
         print(f"  {label:<28} {path}")
-    print(f"\nopen the viewer:  clt-lens serve {out / 'graphs'}   (then http://127.0.0.1:8032)")
+    print(f"\nopen the viewer:  clt-lens serve {out / 'graphs'}   (then http://127.0.0.1:8032; "
+          f"instructions in {out / VIEWER_HELP})")
     return 0
 
 
@@ -174,6 +176,18 @@ def _maybe_autointerp(features_dir: Path) -> dict[str, Any] | None:
     return run_autointerp(features_dir, model=model, max_features=16)
 
 
+# -- viewer instructions (the same page `clt-lens serve` has at /help.html) ------------------
+VIEWER_HELP = "viewer_help.html"
+
+
+def _write_viewer_help(out: Path) -> Path:
+    from clt_lens.serve import ASSETS_DIR
+
+    path = out / VIEWER_HELP
+    shutil.copyfile(ASSETS_DIR / "help.html", path)
+    return path
+
+
 def _write_index(out: Path, result: dict, graph: Any, dashboards: list[Path], np_export: Path,
                  autointerp: dict | None, times: dict[str, float]) -> Path:
     from clt_lens.evals import markdown_table
@@ -201,6 +215,8 @@ at mean L0 {result['mean']['l0']:.1f}.</p>
 <h2>Attribution graph</h2><p>prompt: <code>{html.escape(graph.prompt)}</code>;
 {graph.n_nodes} nodes, {graph.n_edges} edges; {link(graph.json_path, graph.json_path.name)}.
 Open it in the viewer with <code>clt-lens serve {html.escape(str(out / 'graphs'))}</code>.</p>
+<p>{link(out / VIEWER_HELP, "How to use the viewer")}: reading the graph, supernodes, and
+testing it with interventions and steering.</p>
 <h2>Stage times</h2><ul>{rows}</ul></body></html>"""
     path = out / "index.html"
     path.write_text(page)

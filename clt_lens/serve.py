@@ -19,7 +19,17 @@ pako come from a local folder (``--js-dir``, ``$CLT_LENS_VIEWER_JS``, or the use
 ``clt-lens serve --install-js`` fills from the npm registry), jetpack's helpers from
 ``clt_lens.circuits.viewer_compat``, and the served ``index.html`` points at ``/vendor/...``.
 The frontend's "Save" button (POST ``/save_graph/{slug}``) stores the view state in the graph
-JSON, as circuit-tracer's own server does.
+JSON, as circuit-tracer's own server does (pinned nodes, supernodes, labels; ``workbench.js``
+restores them on load, which the bundled frontend does not do for supernodes).
+
+The workbench (``clt_lens/assets/viewer/workbench.js``, added to the page): select feature
+nodes or a supernode, ablate / scale / clamp them, and see the next-token probabilities, the
+graph's output logits and a greedy continuation before and after; or steer another prompt with
+them. The page posts to ``/api/intervene``, which ``clt_lens.circuits.workbench`` answers with
+``clt_lens.circuits.intervene`` (``--read-only`` turns it off). Feature nodes link to
+``/feature.html`` (explanation and scores, examples, decoder norms per target layer, "steer with
+this feature"); ``/help.html`` holds the instructions. A missing feature page is a 404 whose JSON
+``error`` the viewer shows.
 """
 
 from __future__ import annotations
@@ -42,12 +52,24 @@ from typing import Any
 
 from clt_lens.circuits.errors import CircuitsError
 from clt_lens.circuits.viewer_data import FEATURES_SUBDIR, INDEX_FILE, scan_dirname
+from clt_lens.circuits.workbench import LIMITS, Workbench, WorkbenchError
 
 DEFAULT_PORT = 8032
 DEFAULT_HOST = "127.0.0.1"
 LOCAL_SCAN_PREFIX = "./feature_data/"
 MAX_POST_BYTES = 16 * 1024 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "viewer"
+# Our pages and scripts (clt_lens/assets/viewer): URL path -> (file, content type)
+_ASSETS = {
+    "/workbench/workbench.js": ("workbench.js", "text/javascript; charset=utf-8"),
+    "/workbench/workbench.css": ("workbench.css", "text/css; charset=utf-8"),
+    "/feature.html": ("feature.html", "text/html; charset=utf-8"),
+    "/help.html": ("help.html", "text/html; charset=utf-8"),
+}
+_WORKBENCH_TAGS = ("<link rel='stylesheet' href='./workbench/workbench.css'>\n"
+                   "<script src='./workbench/workbench.js'></script>\n")
+_INLINE_INIT = re.compile(r"<script>\s*window\.init\s*=")
 
 # The viewer's third-party scripts: local file name, npm package, file inside it, sha256.
 VIEWER_JS = {
@@ -141,6 +163,19 @@ def _read_member(tar: tarfile.TarFile, member: str, required: bool = True) -> by
     return f.read()
 
 
+def is_safe_name(name: str) -> bool:
+    """A plain file name (no path separators, no leading dot)."""
+    return bool(_NAME.match(name))
+
+
+def workbench_index_html(html: str) -> str:
+    """``index.html`` with the workbench's stylesheet and script before the page's init."""
+    m = _INLINE_INIT.search(html)
+    if m is None:
+        return html + _WORKBENCH_TAGS
+    return html[: m.start()] + _WORKBENCH_TAGS + html[m.start():]
+
+
 def local_index_html(html: str) -> str:
     """``index.html`` with its CDN scripts pointed at ``/vendor/`` (or dropped)."""
 
@@ -176,6 +211,9 @@ class ViewerHandler(http.server.SimpleHTTPRequestHandler):
             self.send_response(204)
             self.end_headers()
             return None
+        if path in _ASSETS:
+            name, ctype = _ASSETS[path]
+            return self._send((ASSETS_DIR / name).read_bytes(), ctype)
         parts = [p for p in path.split("/") if p]
         if len(parts) == 2 and parts[0] in ("data", "graph_data"):
             return self._graph_file(parts[1])
@@ -183,11 +221,16 @@ class ViewerHandler(http.server.SimpleHTTPRequestHandler):
             return self._feature(parts[1], parts[2])
         if len(parts) == 2 and parts[0] == "vendor":
             return self._vendor(parts[1])
+        if len(parts) == 3 and parts[:2] == ["api", "workbench"]:
+            return self._api(lambda: self.server.workbench.status(parts[2]))
         return super().do_GET()
 
     def do_POST(self) -> None:  # noqa: N802
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         parts = [p for p in path.split("/") if p]
+        if parts == ["api", "intervene"]:
+            return self._api(lambda: self.server.workbench.handle(
+                self._read_body(LIMITS["max_request_bytes"])))
         if len(parts) != 2 or parts[0] != "save_graph":
             return self.send_error(404)
         target = self._data_file(f"{parts[1]}.json")
@@ -197,12 +240,16 @@ class ViewerHandler(http.server.SimpleHTTPRequestHandler):
             length = -1
         if target is None or not target.is_file():
             return self.send_error(404, "unknown graph")
+        if not self._is_json_request():
+            return self.send_error(415, "expected Content-Type: application/json")
         if not 0 < length <= MAX_POST_BYTES:
             return self.send_error(413)
         try:
             q_params = json.loads(self.rfile.read(length))["qParams"]
         except (ValueError, KeyError, TypeError):
             return self.send_error(400, "expected JSON with qParams")
+        if not isinstance(q_params, dict):
+            return self.send_error(400, "qParams must be an object")
         with self.server.save_lock:  # one read-modify-write of a graph file at a time
             graph = json.loads(target.read_text())
             graph["qParams"] = q_params
@@ -211,11 +258,43 @@ class ViewerHandler(http.server.SimpleHTTPRequestHandler):
             os.replace(tmp, target)
         self._send(b"{}", "application/json")
 
+    # -- the workbench API ----------------------------------------------------------------
+    def _is_json_request(self) -> bool:
+        # A cross-site page can POST text/plain without asking; application/json needs a CORS
+        # preflight this server never grants, so requiring it keeps other sites out.
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        return ctype == "application/json"
+
+    def _read_body(self, limit: int) -> bytes:
+        if not self._is_json_request():
+            raise WorkbenchError(415, "expected Content-Type: application/json")
+        try:
+            length = int(self.headers.get("Content-Length") or -1)
+        except ValueError:
+            length = -1
+        if length < 0:
+            raise WorkbenchError(411, "a Content-Length header is required")
+        if length > limit:
+            raise WorkbenchError(413, f"request is {length} bytes; the limit is {limit}")
+        return self.rfile.read(length)
+
+    def _api(self, answer: Any) -> None:
+        try:
+            body, status = answer(), 200
+        except WorkbenchError as e:
+            body, status = {"error": e.message}, e.status
+        except Exception as e:  # noqa: BLE001 - the page shows the reason instead of hanging
+            self.log_error("workbench request failed: %r", e)
+            body, status = {"error": f"internal error: {type(e).__name__}: {e}"}, 500
+        extra = {"Retry-After": "1"} if status == 429 else {}
+        self._send(json.dumps(body).encode(), "application/json", status=status, headers=extra)
+
     # -- routes ---------------------------------------------------------------------------
     def _index(self) -> None:
         html = (frontend_dir() / "index.html").read_text(encoding="utf-8")
         if self.server.js_dir is not None:
             html = local_index_html(html)
+        html = workbench_index_html(html)
         self._send(html.encode(), "text/html; charset=utf-8")
 
     def _data_file(self, name: str) -> Path | None:
@@ -229,21 +308,30 @@ class ViewerHandler(http.server.SimpleHTTPRequestHandler):
             return self.send_error(404)
         raw = path.read_bytes()
         if name != "graph-metadata.json":
-            raw = self._localise_scan(raw)
-        self._send(raw, "application/json")
+            raw = self._served_graph(raw)
+        # the viewer fetches graphs with cache "force-cache": a stored copy would hide a Save
+        self._send(raw, "application/json", cache="no-store")
 
-    def _localise_scan(self, raw: bytes) -> bytes:
+    def _served_graph(self, raw: bytes) -> bytes:
+        """The graph JSON with its scan pointing at local feature pages (when there are any)
+        and each feature node linking to ``feature.html``."""
         try:
             data = json.loads(raw)
             scan = data["metadata"]["scan"]
+            slug = data["metadata"]["slug"]
         except (ValueError, KeyError, TypeError):
             return raw
-        if not isinstance(scan, str) or scan.startswith("./"):
-            return raw
-        folder = scan_dirname(scan)
-        if not (self.server.data_dir / FEATURES_SUBDIR / folder / INDEX_FILE).is_file():
-            return raw
-        data["metadata"]["scan"] = LOCAL_SCAN_PREFIX + folder
+        if isinstance(scan, str) and not scan.startswith("./"):
+            folder = scan_dirname(scan)
+            if (self.server.data_dir / FEATURES_SUBDIR / folder / INDEX_FILE).is_file():
+                data["metadata"]["scan"] = LOCAL_SCAN_PREFIX + folder
+        for node in data.get("nodes", []):
+            parts = str(node.get("node_id")).split("_")
+            if (node.get("feature_type") == "cross layer transcoder" and len(parts) == 3
+                    and not node.get("vis_link")):
+                query = urllib.parse.urlencode({"slug": slug, "layer": parts[0],
+                                                "index": parts[1], "node": node["node_id"]})
+                node["vis_link"] = f"./feature.html?{query}"
         return json.dumps(data).encode()
 
     def _feature(self, folder: str, name: str) -> None:
@@ -252,11 +340,25 @@ class ViewerHandler(http.server.SimpleHTTPRequestHandler):
         path = self.server.data_dir / FEATURES_SUBDIR / folder / name
         if path.is_file():
             return self._send(path.read_bytes(), "application/json")
-        # The viewer shows "failed to load" for a dead page instead of throwing.
         stem = name[: -len(".json")]
-        stub = {"index": int(stem) if stem.isdigit() else stem, "isDead": True,
+        what = f"feature {stem}"
+        if stem.isdigit():
+            from clt_lens.circuits.viewer_data import cantor_unpair
+
+            layer, index = cantor_unpair(int(stem))
+            what = f"layer {layer} feature {index}"
+        folder_dir = path.parent
+        why = (f"no feature page for {what} in {FEATURES_SUBDIR}/{folder}/: attribution writes "
+               "pages for the graph's own features; write others with "
+               "clt_lens.circuits.write_viewer_features(FEATURES_DIR, GRAPH_DIR, scan)"
+               if folder_dir.is_dir() else
+               f"no feature pages in {FEATURES_SUBDIR}/{folder}/: attribute with "
+               "'--features DIR' to write them")
+        # isDead (and empty lists) keep the viewer's renderers from throwing; workbench.js
+        # shows ``error`` in place of the bundled "failed to load".
+        body = {"index": int(stem) if stem.isdigit() else stem, "isDead": True, "error": why,
                 "examples_quantiles": [], "top_logits": [], "bottom_logits": []}
-        self._send(json.dumps(stub).encode(), "application/json")
+        self._send(json.dumps(body).encode(), "application/json", status=404)
 
     def _vendor(self, name: str) -> None:
         js_dir = self.server.js_dir
@@ -268,11 +370,14 @@ class ViewerHandler(http.server.SimpleHTTPRequestHandler):
             return self.send_error(404)
         self._send((js_dir / name).read_bytes(), "text/javascript; charset=utf-8")
 
-    def _send(self, body: bytes, ctype: str) -> None:
-        self.send_response(200)
+    def _send(self, body: bytes, ctype: str, *, status: int = 200,
+              headers: dict[str, str] | None = None, cache: str = "no-cache") -> None:
+        self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Cache-Control", cache)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
 
@@ -282,11 +387,12 @@ class ViewerHTTPServer(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], data_dir: Path, js_dir: Path | None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, workbench: Workbench | None = None) -> None:
         self.data_dir = data_dir
         self.js_dir = js_dir
         self.verbose = verbose
         self.save_lock = threading.Lock()
+        self.workbench = workbench or Workbench(data_dir)
         super().__init__(address, ViewerHandler)
 
 
@@ -340,16 +446,26 @@ def serve(
     js_dir: str | Path | None = None,
     background: bool = True,
     verbose: bool = False,
+    read_only: bool = False,
+    clt: str | Path | None = None,
+    model: str | None = None,
+    device: str = "cpu",
 ) -> ViewerServer:
     """Start the viewer on ``data_dir``. ``port=0`` picks a free port (see ``.url``).
 
     With ``background`` the server runs in a daemon thread and this returns at once; otherwise
-    it serves in this thread until interrupted.
+    it serves in this thread until interrupted. Interventions load the transcoders and model
+    each graph names (``clt`` / ``model`` override them) on ``device``; ``read_only`` turns
+    them off.
     """
     d = check_data_dir(data_dir)
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise CircuitsError(f"port must be in 0..65535, got {port!r}")
-    httpd = ViewerHTTPServer((host, port), d, find_viewer_js(js_dir), verbose)
+    if clt is not None and not Path(clt).expanduser().exists():
+        raise CircuitsError(f"--clt {str(clt)!r} does not exist")
+    workbench = Workbench(d, read_only=read_only, transcoders=None if clt is None else str(clt),
+                          model=model, device=device)
+    httpd = ViewerHTTPServer((host, port), d, find_viewer_js(js_dir), verbose, workbench)
     if not background:
         server = ViewerServer(httpd, None)
         try:
@@ -376,6 +492,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{default_js_dir()}")
     parser.add_argument("--install-js", action="store_true",
                         help="fetch those scripts from the npm registry first (needs npm)")
+    parser.add_argument("--read-only", action="store_true",
+                        help="disable interventions (the page only shows graphs)")
+    parser.add_argument("--clt", default=None,
+                        help="transcoders for interventions (CLT checkpoint or circuit-tracer "
+                        "set); default: what each graph's metadata names")
+    parser.add_argument("--model", default=None,
+                        help="model for interventions (load_model name or folder); default: "
+                        "what each graph's metadata names")
+    parser.add_argument("--device", default="cpu", help="device for interventions")
     parser.add_argument("--verbose", action="store_true", help="log every request")
 
 
@@ -392,15 +517,23 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     d = check_data_dir(args.dir)
     js = find_viewer_js(args.js_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: binding {args.host} serves {d} to other machines", file=sys.stderr)
+        print(f"warning: binding {args.host} serves {d} to other machines"
+              + ("" if args.read_only else ", and lets them run interventions (--read-only "
+                 "turns those off)"), file=sys.stderr)
     if js is None:
         print("note: no local viewer scripts (d3, dagre, pako): the page loads them from CDNs. "
               "Offline, run 'clt-lens serve --install-js' once.", file=sys.stderr)
+    if args.clt is not None and not Path(args.clt).expanduser().exists():
+        raise CircuitsError(f"--clt {args.clt!r} does not exist")
     url_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-    print(f"serving {d} at http://{url_host}:{args.port}/  (Ctrl-C stops)", flush=True)
+    print(f"serving {d} at http://{url_host}:{args.port}/  (Ctrl-C stops)")
+    print("interventions: off (--read-only)" if args.read_only else
+          "interventions: on (the transcoders and model a graph names load on its first run; "
+          "--read-only turns them off)", flush=True)
     try:
         serve(d, host=args.host, port=args.port, js_dir=args.js_dir, background=False,
-              verbose=args.verbose)
+              verbose=args.verbose, read_only=args.read_only, clt=args.clt, model=args.model,
+              device=args.device)
     except KeyboardInterrupt:
         pass
     except OSError as e:

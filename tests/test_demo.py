@@ -22,6 +22,9 @@ def test_demo_runs_the_whole_path(tmp_path: Path):
     assert list((out / "features" / "neuronpedia" / "exports").rglob("batch-0.jsonl.gz"))
     index = (out / "index.html").read_text()
     assert "training_curves.png" in index and "eval_layers.png" in index
+    # the viewer's instructions, linked from the index
+    assert 'href="viewer_help.html"' in index
+    assert "Intervene" in (out / "viewer_help.html").read_text()
 
 
 def _env():

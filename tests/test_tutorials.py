@@ -122,6 +122,9 @@ def test_03_attribution_and_viewer(quickstart, tmp_path):
                    if n.get("feature_type") == "cross layer transcoder"}
     assert feature_ids and all((pages / f"{i}.json").is_file() for i in feature_ids)
     assert f"clt-lens serve {graphs}" in stdout
+    # step 5: the strongest feature-to-feature edge, checked by a direct-effect ablation
+    assert graph["metadata"]["clt_lens"]["transcoders"] == str((out / "ct_set").resolve())
+    assert "edge check: confirmed" in stdout, stdout[-2000:]
 
 
 def test_04_autointerp(quickstart, tmp_path):

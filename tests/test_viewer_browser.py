@@ -23,10 +23,12 @@ from pathlib import Path
 import pytest
 from test_circuits_common import PROMPT, feature_marker, make_features_dir
 
-from clt_lens.circuits import CircuitsError, attribute_prompt
+from clt_lens.circuits import CircuitsError, attribute_prompt, cantor_pair, write_viewer_features
 from clt_lens.circuits.synthetic import random_clt
 from clt_lens.serve import LOCAL_SCAN_PREFIX, find_viewer_js, local_index_html, serve
 
+ELEMENT_KEY = "element-6066-11e4-a52e-4f735466cecf"
+CONTROL = "\ue009"
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -38,22 +40,31 @@ CHROMIUM_FLAGS = [
 def graph_dir(tmp_path_factory, embedded_model):
     root = tmp_path_factory.mktemp("viewer")
     clt = random_clt(embedded_model, d_sae=128, seed=21)
+    ckpt = root / "ckpt"  # on disk, so the graph's metadata names it for interventions
+    clt.save_model(ckpt)
     explanations = {(layer, i): f"explained {layer}/{i}" for layer in range(4)
                     for i in range(128)}
     fdir = make_features_dir(root / "features", clt, explanations=explanations)
     out = root / "graphs"
-    res = attribute_prompt(clt, PROMPT, model=embedded_model, max_feature_nodes=60,
+    res = attribute_prompt(ckpt, PROMPT, model=embedded_model, max_feature_nodes=60,
                            batch_size=64, out_dir=out, slug="tobe", features_dir=fdir)
+    with open(fdir / "autointerp.jsonl", "a") as f:  # a scored explanation for one page
+        f.write(json.dumps({"layer": 1, "index": 5, "status": "ok", "explanation": "scored 1/5",
+                            "method": "test", "model": "test-llm", "usage": {}, "error": None,
+                            "scores": {"detection": {"balanced_accuracy": 0.875}}}) + "\n")
+    write_viewer_features(fdir, out, res.scan, features=[(1, 5)])
     return out, res
 
 
-def _get(url: str, data: bytes | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+def _get(url: str, data: bytes | None = None,
+         ctype: str = "application/json") -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                 headers={"Content-Type": ctype})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, b""
+        return e.code, e.read()
 
 
 def test_server_routes(graph_dir, tmp_path):
@@ -74,8 +85,27 @@ def test_server_routes(graph_dir, tmp_path):
                             f"{node['feature']}.json")
         page = json.loads(body)
         assert status == 200 and page["index"] == node["feature"] and page["examples_quantiles"]
-        status, body = _get(f"{url}feature_data/{res.viewer_features_dir.name}/999999.json")
-        assert json.loads(body)["isDead"] is True
+        # a missing page is a 404 whose message the viewer shows (workbench.js)
+        missing = cantor_pair(2, 77)
+        status, body = _get(f"{url}feature_data/{res.viewer_features_dir.name}/{missing}.json")
+        page = json.loads(body)
+        assert status == 404 and page["isDead"] is True
+        assert "no feature page for layer 2 feature 77" in page["error"]
+        status, body = _get(f"{url}feature_data/elsewhere/{missing}.json")
+        assert status == 404 and "no feature pages in features/elsewhere" in json.loads(body)[
+            "error"]
+        # feature nodes link to their page; our scripts are on the page
+        assert node["vis_link"].startswith("./feature.html?slug=tobe&layer=")
+        status, body = _get(url + "index.html")
+        assert b"./workbench/workbench.js" in body and b"./workbench/workbench.css" in body
+        for asset in ("workbench/workbench.js", "feature.html", "help.html"):
+            assert _get(url + asset)[0] == 200, asset
+        # the page with decoder norms and scores
+        status, body = _get(f"{url}feature_data/{res.viewer_features_dir.name}/"
+                            f"{cantor_pair(1, 5)}.json")
+        page = json.loads(body)
+        assert len(page["decoder_norms"]) == 3 and page["explanation"] == "scored 1/5"
+        assert page["explanation_scores"]["detection"]["balanced_accuracy"] == 0.875
         # bundled viewer files are served; nothing outside the allowed folders is
         status, body = _get(url + "util.js")
         assert status == 200 and b"getFile" in body
@@ -92,6 +122,10 @@ def test_server_routes(graph_dir, tmp_path):
         assert json.loads(res.json_path.read_text())["qParams"] == {"pinnedIds": "1_2_3"}
         status, _ = _get(url + "save_graph/nope", b'{"qParams": {}}')
         assert status == 404
+        # another site cannot post a form to it (text/plain needs no CORS preflight)
+        status, _ = _get(url + "save_graph/tobe", b'{"qParams": {}}', ctype="text/plain")
+        assert status == 415
+        assert json.loads(res.json_path.read_text())["qParams"] == {"pinnedIds": "1_2_3"}
 
 
 def test_index_html_points_at_local_scripts():
@@ -171,6 +205,28 @@ class WebDriver:
     def click(self, element: dict) -> None:
         element_id = next(iter(element.values()))
         self.session("POST", f"/element/{element_id}/click", {})
+
+    def actions(self, *sources: dict) -> None:
+        """W3C input actions (real key and pointer events), then release every input."""
+        self.session("POST", "/actions", {"actions": list(sources)})
+        self.session("DELETE", "/actions")
+
+    def ctrl_click(self, element: dict) -> None:
+        origin = {ELEMENT_KEY: next(iter(element.values()))}
+        pause = {"type": "pause", "duration": 0}
+        self.actions(
+            {"type": "key", "id": "kb", "actions": [
+                {"type": "keyDown", "value": CONTROL}, pause, pause, pause,
+                {"type": "keyUp", "value": CONTROL}]},
+            {"type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
+             "actions": [pause, {"type": "pointerMove", "origin": origin, "x": 0, "y": 0},
+                         {"type": "pointerDown", "button": 0},
+                         {"type": "pointerUp", "button": 0}, pause]})
+
+    def key(self, value: str, down: bool) -> None:
+        """Press or release one key, leaving it in that state (no release of inputs)."""
+        self.session("POST", "/actions", {"actions": [{"type": "key", "id": "kb", "actions": [
+            {"type": "keyDown" if down else "keyUp", "value": value}]}]})
 
     def screenshot(self, path: Path) -> None:
         path.write_bytes(base64.b64decode(self.session("GET", "/screenshot")))
@@ -257,6 +313,221 @@ def test_viewer_renders_graph_and_feature_examples(graph_dir, tmp_path):
             assert not errors, errors
         finally:
             driver.quit()
+
+
+def _shot_dir(tmp_path: Path) -> Path:
+    d = Path(os.environ.get("CLT_LENS_SCREENSHOT_DIR") or tmp_path)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _open_graph(driver: WebDriver, url: str) -> None:
+    driver.session("POST", "/url", {"url": url + "index.html?slug=tobe"})
+    assert driver.wait_js("return document.querySelectorAll('.node').length > 0 && "
+                          "!!window.cltWorkbench.ctx && !!document.querySelector('.clt-wb-toggle')")
+
+
+def _feature_nodes(driver: WebDriver) -> list:
+    """Shown feature nodes of the link graph, most influential first."""
+    return driver.js("return d3.selectAll('.node')"
+                     ".filter(d => d.feature_type == 'cross layer transcoder').nodes()"
+                     ".sort((a, b) => d3.select(a).datum().influence"
+                     " - d3.select(b).datum().influence)")
+
+
+def _run_and_wait(driver: WebDriver) -> dict:
+    """Click Run; the result rows (token id, p before, p after) of both probability tables."""
+    # few continuation tokens: each is a forward pass with and without the intervention
+    driver.js("window.cltWorkbench.lastResult = null;"
+              "document.querySelector('.clt-wb-ntokens').value = 3")
+    driver.click(driver.js("return document.querySelector('.clt-wb-run')"))
+    done = driver.wait_js(
+        "var e = document.querySelector('.clt-wb-error');"
+        "if (e && !e.hidden) return 'error: ' + e.textContent;"
+        "return window.cltWorkbench.lastResult && "
+        "document.querySelectorAll('.clt-wb-top-after tbody tr').length", timeout=120)
+    assert done == 10, done
+    return driver.js(
+        "var rows = sel => Array.from(document.querySelectorAll(sel + ' tbody tr')).map(r =>"
+        " [+r.dataset.tokenId, +r.dataset.probBefore, +r.dataset.probAfter]);"
+        "return {before: rows('.clt-wb-top-before'), after: rows('.clt-wb-top-after'),"
+        " result: window.cltWorkbench.lastResult,"
+        " text: document.querySelector('.clt-wb-result').innerText}")
+
+
+@pytest.mark.browser
+def test_viewer_ablation_from_the_graph_page(graph_dir, tmp_path):
+    """Click a feature node, ablate it from the Intervene drawer, read the changed tables; then
+    the node's feature page, and steering from it."""
+    chromium, chromedriver = _browser_or_skip()
+    out, res = graph_dir
+    shots = _shot_dir(tmp_path)
+    with serve(out, port=0) as srv:
+        driver = WebDriver(chromium, chromedriver)
+        try:
+            _open_graph(driver, srv.url)
+            node, other = _feature_nodes(driver)[:2]
+            node_id = driver.js("return d3.select(arguments[0]).datum().nodeId", node)
+            # a feature without a page: the viewer shows the server's 404 message
+            layer, index, _ = map(int, driver.js("return d3.select(arguments[0]).datum()"
+                                                 ".nodeId", other).split("_"))
+            page = res.viewer_features_dir / f"{cantor_pair(layer, index)}.json"
+            page.rename(page.with_suffix(".bak"))
+            try:
+                driver.click(other)
+                shown = driver.wait_js("var e = document.querySelector("
+                                       "'.feature-detail .clt-wb-feature-error');"
+                                       "return e && e.textContent")
+            finally:
+                page.with_suffix(".bak").rename(page)
+            assert shown and f"no feature page for layer {layer} feature {index}" in shown
+            driver.click(node)
+            # the feature panel: decoder norms, steer and the feature page link
+            block = driver.wait_js("var b = document.querySelector('.clt-wb-feature');"
+                                   "return b && b.querySelector('.clt-wb-norms') && b.innerText")
+            assert block and "steer with this feature" in block and "feature page" in block
+            driver.click(driver.js("return document.querySelector('.clt-wb-toggle')"))
+            driver.click(driver.js("return document.querySelector('.clt-wb-add-clicked')"))
+            targets = driver.js("return Array.from(document.querySelectorAll('.clt-wb-target'))"
+                                ".map(e => e.dataset.nodeId)")
+            assert targets == [node_id]
+            assert driver.js("return document.querySelector('input[name=clt-wb-op]:checked')"
+                             ".value") == "ablate"
+            # a bad request: the page shows the server's message
+            driver.js("document.querySelector('.clt-wb-prompt').value = 'The king';"
+                      "document.querySelector('input[name=clt-wb-mode][value=steer]')"
+                      ".checked = true;"
+                      "document.querySelector('.clt-wb-positions').value = '99';"
+                      "document.querySelector('input[name=clt-wb-pos][value=list]')"
+                      ".checked = true;")
+            driver.js("document.querySelector('.clt-wb-ntokens').value = 3")
+            driver.click(driver.js("return document.querySelector('.clt-wb-run')"))
+            error = driver.wait_js("var e = document.querySelector('.clt-wb-error');"
+                                   "return e && !e.hidden && e.textContent", timeout=120)
+            assert error and "position 99 is outside the prompt" in error, error
+            driver.js("document.querySelector('input[name=clt-wb-mode][value=graph]')"
+                      ".checked = true")
+            got = _run_and_wait(driver)
+            assert driver.js("return document.querySelector('.clt-wb-error').hidden")
+            probs = {i: (b, a) for i, b, a in got["before"] + got["after"]}
+            assert max(abs(b - a) for b, a in probs.values()) > 1e-6  # the ablation moved them
+            before = [b for _, b, _ in got["before"]]
+            assert before == sorted(before, reverse=True)
+            r = got["result"]
+            layer, index, pos = map(int, node_id.split("_"))
+            assert r["interventions"][0] == {**r["interventions"][0], "layer": layer,
+                                             "feature": index, "position": pos, "op": "ablate"}
+            assert r["freeze"] is True and r["graph_prompt"] is True
+            assert "Next token, before" in got["text"] and "continuation" in got["text"]
+            assert "The graph's output logits" in got["text"]
+            # the page's "same run in Python" gives the page's numbers
+            code = driver.js("return document.querySelector('.clt-wb-python pre').textContent")
+            scope: dict = {}
+            exec(code, scope)  # noqa: S102 - our own generated snippet
+            assert [row["id"] for row in scope["r"].top_after] == [i for i, _, _ in got["after"]]
+            for row, (_, _, p_after) in zip(scope["r"].top_after, got["after"]):
+                assert row["prob_after"] == pytest.approx(p_after, abs=1e-6)
+            driver.screenshot(shots / "viewer_ablation.png")
+            driver.js("document.querySelector('.clt-wb-logits').scrollIntoView()")
+            driver.screenshot(shots / "viewer_ablation_results.png")
+            expected_errors = ("favicon", "/api/intervene", "feature_data/")
+            errors = [e for e in driver.console_errors()
+                      if not any(x in e for x in expected_errors)]
+            assert not errors, errors
+
+            # the node's own page: explanation, decoder norms, examples; steer from it
+            driver.session("POST", "/url", {"url": srv.url + "feature.html?slug=tobe&layer=1"
+                                            "&index=5&node=1_5_3"})
+            text = driver.wait_js("var m = document.querySelector('.fp-main');"
+                                  "return m && m.querySelector('.fp-steer') && m.innerText")
+            assert "scored 1/5" in text and "detection score: 0.875" in text
+            assert driver.js("return document.querySelectorAll('.fp-norms > div').length") == 3
+            assert "L1F5" in text  # the examples' marker token
+            assert driver.js("return document.querySelector('.fp-back').getAttribute('href')") \
+                == "./index.html?slug=tobe&clickedId=1_5_3"
+            driver.js("document.querySelector('.fp-steer textarea').value = 'The king';"
+                      "document.querySelector('.fp-steer .clt-wb-ntokens').value = 3")
+            driver.click(driver.js("return document.querySelector('.fp-steer .clt-wb-run')"))
+            steered = driver.wait_js(
+                "var e = document.querySelector('.fp-steer .clt-wb-error');"
+                "if (e && !e.hidden) return 'error: ' + e.textContent;"
+                "return document.querySelectorAll('.fp-steer .clt-wb-top-after tbody tr').length",
+                timeout=120)
+            assert steered == 10, steered
+            assert "clamp to" in driver.js("return document.querySelector('.fp-steer')"
+                                           ".innerText")
+            driver.screenshot(shots / "viewer_feature_page.png")
+            errors = [e for e in driver.console_errors() if "favicon" not in e]
+            assert not errors, errors
+        finally:
+            driver.quit()
+
+
+@pytest.mark.browser
+def test_viewer_supernode_saved_reloaded_and_intervened(graph_dir, tmp_path):
+    """Pin two feature nodes, group them (hold g, click both in the subgraph), Save, open the
+    graph again from a clean URL, and ablate the group from the drawer."""
+    chromium, chromedriver = _browser_or_skip()
+    out, res = graph_dir
+    shots = _shot_dir(tmp_path)
+    saved = res.json_path.read_text()
+    fresh = json.loads(saved)
+    fresh["qParams"] = {}  # nothing pinned or grouped (test_server_routes saves a pin)
+    res.json_path.write_text(json.dumps(fresh))
+    with serve(out, port=0) as srv:
+        driver = WebDriver(chromium, chromedriver)
+        try:
+            _open_graph(driver, srv.url)
+            nodes = _feature_nodes(driver)[:2]
+            ids = [driver.js("return d3.select(arguments[0]).datum().nodeId", n) for n in nodes]
+            for n in nodes:
+                driver.ctrl_click(n)
+            assert driver.js("return window.cltWorkbench.ctx.visState.pinnedIds") == ids
+            boxes = driver.wait_js(
+                "var ids = arguments[0] || " + json.dumps(ids) + ";"
+                "var boxes = d3.selectAll('.subgraph .supernode-container')"
+                ".filter(d => ids.includes(d.node.nodeId)).nodes();"
+                "return boxes.length == 2 && boxes")
+            assert boxes, "pinned nodes not in the subgraph"
+            driver.key("g", down=True)
+            for box in boxes:
+                driver.click(box)
+            driver.key("g", down=False)
+            groups = driver.js("return window.cltWorkbench.ctx.visState.subgraph.supernodes")
+            assert len(groups) == 1 and sorted(groups[0][1:]) == sorted(ids), groups
+            driver.click(driver.js("return document.querySelector('.save-button')"))
+            assert driver.wait_js("return document.querySelector('.save-button').textContent"
+                                  " == 'Saved!'")
+            q = json.loads(res.json_path.read_text())["qParams"]
+            assert sorted(json.loads(q["supernodes"])[0][1:]) == sorted(ids)
+
+            # a fresh page on the graph, without the selection in its URL
+            driver.session("POST", "/url", {"url": "about:blank"})
+            _open_graph(driver, srv.url)
+            assert driver.js("return location.search") != "?slug=tobe"  # restored into the URL
+            groups = driver.js("return window.cltWorkbench.ctx.visState.subgraph.supernodes")
+            assert len(groups) == 1 and sorted(groups[0][1:]) == sorted(ids), groups
+            assert driver.wait_js("return d3.selectAll('.subgraph .supernode-container')"
+                                  ".filter(d => d.node.isSuperNode && "
+                                  "d.node.memberNodes.length == 2).size() == 1")
+            driver.click(driver.js("return document.querySelector('.clt-wb-toggle')"))
+            group_button = driver.wait_js("return document.querySelector('.clt-wb-add-group')")
+            assert "(2)" in driver.js("return arguments[0].textContent", group_button)
+            driver.click(group_button)
+            targets = driver.js("return Array.from(document.querySelectorAll('.clt-wb-target'))"
+                                ".map(e => e.dataset.nodeId)")
+            assert sorted(targets) == sorted(ids)
+            got = _run_and_wait(driver)
+            assert max(abs(b - a) for _, b, a in got["before"] + got["after"]) > 1e-6
+            done = {(iv["layer"], iv["feature"], iv["position"]) for iv in
+                    got["result"]["interventions"]}
+            assert done == {tuple(map(int, i.split("_"))) for i in ids}
+            driver.screenshot(shots / "viewer_supernode_intervention.png")
+            errors = [e for e in driver.console_errors() if "favicon" not in e]
+            assert not errors, errors
+        finally:
+            driver.quit()
+            res.json_path.write_text(saved)
 
 
 def test_feature_pages_for_every_feature(tmp_path, embedded_model):

@@ -10,7 +10,8 @@ effect. circuit-tracer computes these graphs; clt_lens feeds it our CLTs:
 1. export the CLT as a circuit-tracer *transcoder set* (a folder circuit-tracer loads);
 2. (optional) compute feature statistics so the viewer can show top examples per feature;
 3. attribute a prompt with a cap on the number of feature nodes, and read the scores;
-4. write and inspect the viewer files, and serve them (``clt-lens serve DIR``).
+4. write and inspect the viewer files, and serve them (``clt-lens serve DIR``);
+5. test an edge of the graph with an intervention (what the viewer's Intervene drawer runs).
 
 The same steps as commands::
 
@@ -25,6 +26,8 @@ Run it::
     python tutorials/03_attribution_and_viewer.py --clt DIR --prompt "JULIET: O Romeo"
     python tutorials/03_attribution_and_viewer.py --serve         # ... then start the viewer
     python tutorials/03_attribution_and_viewer.py --small         # seconds (the test suite)
+    python tutorials/03_attribution_and_viewer.py --graph runs/demo/graphs/SLUG.json
+                                        # step 5 on the demo's graph (after `clt-lens demo`)
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve", action="store_true",
                    help="start the viewer on the graphs at the end (Ctrl-C stops it)")
     p.add_argument("--port", type=int, default=8032)
+    p.add_argument("--graph", default=None,
+                   help="graph JSON to test an edge of in step 5 (e.g. the demo's "
+                   "runs/demo/graphs/SLUG.json); default: the graph made here")
     args = p.parse_args(argv)
     size = SIZES["small" if args.small else "full"]
     out = Path(args.out)
@@ -181,6 +187,22 @@ def main(argv: list[str] | None = None) -> int:
           f"# then http://127.0.0.1:{args.port}")
     print("  (offline? run `clt-lens serve --install-js` once, with npm, to fetch d3/dagre/pako)")
 
+    # ------------------------------------------------------------------------------------
+    # 5. Test an edge by intervening. An edge A -> B between two features says: with the
+    #    attention patterns, LayerNorm scales and MLP errors of this prompt held fixed, A's
+    #    activation moves B's pre-activation by the edge weight. So ablate A (set it to 0)
+    #    with direct effects only (circuit-tracer's feature_intervention with everything
+    #    but the features' decoder writes frozen) and B's pre-activation must move by minus
+    #    the weight: that confirms the edge; any other change refutes it. With attention and
+    #    norms recomputed, the total effect adds the paths through other features.
+    #    The graph's metadata names the transcoders and model it came from, which is how
+    #    `clt-lens serve` loads them for its Intervene drawer; the same function,
+    #    clt_lens.circuits.intervene, runs there.
+    # ------------------------------------------------------------------------------------
+    print("\n== 5. test an edge with an intervention ==")
+    edge_graph = Path(args.graph) if args.graph else result.json_path
+    check_edge(edge_graph, device=args.device, n_tokens=3 if args.small else 12)
+
     if args.serve:
         from clt_lens.serve import serve
 
@@ -191,6 +213,52 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def check_edge(graph_path: Path, *, device: str, n_tokens: int) -> None:
+    """Ablate the source of the graph's strongest feature-to-feature edge; compare the
+    target's pre-activation change with the edge weight."""
+    from clt_lens.circuits import Intervention, intervene, load_replacement_model
+
+    data = json.loads(graph_path.read_text())
+    source = data["metadata"].get("clt_lens") or {}
+    if not source.get("transcoders"):
+        print(f"{graph_path.name} does not name its transcoders (made from an in-memory CLT)")
+        return
+    rm = load_replacement_model(source["transcoders"], source["model"], device=device)
+    prompt_ids = source["prompt_ids"]  # the graph's own tokens, BOS included
+    features = {n["node_id"] for n in data["nodes"]
+                if n.get("feature_type") == "cross layer transcoder"}
+    edges = [e for e in data["links"] if e["source"] in features and e["target"] in features]
+    if not edges:
+        print("edge check: no feature-to-feature edge survived pruning in this graph")
+        return
+    edge = max(edges, key=lambda e: abs(e["weight"]))
+    (la, fa, pa), (lb, fb, pb) = (tuple(int(v) for v in e.split("_"))
+                                  for e in (edge["source"], edge["target"]))
+    tokens = data["metadata"]["prompt_tokens"]
+    print(f"strongest edge: layer {la} feature {fa} at {tokens[pa]!r} -> layer {lb} feature "
+          f"{fb} at {tokens[pb]!r}, weight {edge['weight']:+.4f}")
+    ablate_a = [Intervention(layer=la, feature=fa, position=pa, op="ablate")]
+    direct = intervene(rm, prompt_ids, ablate_a, direct_only=True, watch=[(lb, fb, pb)])
+    total = intervene(rm, prompt_ids, ablate_a, freeze=False, watch=[(lb, fb, pb)],
+                      max_new_tokens=n_tokens)
+    measured = direct.watched[0]["pre_after"] - direct.watched[0]["pre_before"]
+    predicted = -edge["weight"]
+    confirmed = abs(measured - predicted) <= 1e-3 * max(1.0, abs(predicted))
+    print(f"ablating A, direct effects only: B's pre-activation moves {measured:+.4f} "
+          f"(the edge predicts {predicted:+.4f})")
+    print(f"edge check: {'confirmed' if confirmed else 'REFUTED'}")
+    w = total.watched[0]
+    print(f"with attention and norms recomputed: B's pre-activation moves "
+          f"{w['pre_after'] - w['pre_before']:+.4f} (activation {w['before']:.3f} -> "
+          f"{w['after']:.3f}): the direct effect plus what flows through other features, "
+          "attention and norms")
+    top = total.top_before[0]
+    print(f"next token {top['token']!r}: p {top['prob_before']:.3f} -> {top['prob_after']:.3f}; "
+          f"KL(before||after) {total.kl:.4f} nats")
+    print(f"continuation before: {total.continuation_before['text']!r}")
+    print(f"continuation after:  {total.continuation_after['text']!r}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from clt_lens.circuits.loading import clt_summary, is_transcoder_set_dir, load_c
 from clt_lens.circuits.replacement import build_replacement_model, check_family, is_model_hook
 
 OFFLOAD_CHOICES = (None, "cpu", "disk")
+SOURCE_KEY = "clt_lens"  # graph metadata naming the transcoders and model (see source_record)
 _SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -100,6 +101,72 @@ def transcoder_set_summary(set_dir: str | Path) -> dict[str, Any]:
         "model_name": config.get("model_name"),
         "scan": config.get("scan") or str(d),
         "source": str(d),
+    }
+
+
+def source_summary(clt_checkpoint_or_clt: Any) -> dict[str, Any]:
+    """Sizes and hooks of a CLT object, CLT checkpoint or circuit-tracer set, without weights."""
+    if is_transcoder_set_dir(clt_checkpoint_or_clt):
+        return transcoder_set_summary(clt_checkpoint_or_clt)
+    return clt_summary(clt_checkpoint_or_clt)
+
+
+def load_circuit_tracer_transcoders(
+    clt_checkpoint_or_clt: Any, summary: dict[str, Any], model: Any, scan: str | None = None
+) -> tuple[Any, str]:
+    """circuit-tracer transcoders (on the model's device and dtype) and their scan name.
+
+    A set folder is loaded as is; a CLT (object or checkpoint) is exported to a temporary set
+    first, with its normalisation folded in.
+    """
+    dtype, device = model.cfg.dtype, model.cfg.device
+    if is_transcoder_set_dir(clt_checkpoint_or_clt):
+        transcoders, _ = load_transcoders(clt_checkpoint_or_clt, device=device, dtype=dtype)
+        scan = scan or summary["scan"]
+    else:
+        clt = load_clt(clt_checkpoint_or_clt)
+        source = clt_checkpoint_or_clt if isinstance(clt_checkpoint_or_clt, str | Path) else None
+        scan = scan or default_scan(clt, clt.cfg.metadata.model_name or model.cfg.model_name,
+                                    source)
+        with tempfile.TemporaryDirectory(prefix="clt-lens-ct-") as tmp:
+            set_dir = write_circuit_tracer_set(clt, Path(tmp) / "set", dtype=torch.float32,
+                                               scan=scan)
+            transcoders, _ = load_transcoders(set_dir, device=device, dtype=dtype)
+    transcoders.scan = scan
+    return transcoders, scan
+
+
+def model_reference(model: Any, ht: Any) -> str | None:
+    """What ``load_model`` needs to load ``ht`` again: the name or folder it came from."""
+    if isinstance(model, str | Path):
+        path = Path(model).expanduser()
+        return str(path.resolve()) if path.exists() else str(model)
+    if ht.cfg.model_name == "embedded":
+        return "embedded"
+    folder = ht.cfg.tokenizer_name
+    if folder and (Path(folder) / "config.json").is_file():
+        return str(Path(folder).resolve())
+    return ht.cfg.model_name or None
+
+
+def source_record(
+    clt_checkpoint_or_clt: Any, summary: dict[str, Any], model: Any, ht: Any
+) -> dict[str, Any]:
+    """``metadata.clt_lens`` of a graph: where its transcoders and model can be loaded from
+    (``clt-lens serve`` loads them for interventions), with sizes to validate requests."""
+    from clt_lens.models import model_id
+
+    transcoders = kind = None  # an in-memory CLT: nothing on disk to name
+    if isinstance(clt_checkpoint_or_clt, str | Path):
+        transcoders = summary.get("source") or str(Path(clt_checkpoint_or_clt).resolve())
+        kind = "circuit_tracer_set" if "scan" in summary else "clt_checkpoint"
+    return {
+        "transcoders": transcoders,
+        "transcoders_kind": kind,
+        "model": model_reference(model, ht),
+        "model_id": model_id(ht),
+        "n_layers": int(summary["n_layers"]),
+        "d_sae": int(summary["d_sae"]),
     }
 
 
@@ -250,9 +317,7 @@ def attribute_prompt(
     if features_dir is not None and not Path(features_dir).is_dir():
         raise CircuitsError(f"features directory {str(features_dir)!r} does not exist")
 
-    from_set = is_transcoder_set_dir(clt_checkpoint_or_clt)
-    summary = (transcoder_set_summary(clt_checkpoint_or_clt) if from_set
-               else clt_summary(clt_checkpoint_or_clt))
+    summary = source_summary(clt_checkpoint_or_clt)
     what = f"CLT {summary['source']}" if summary.get("source") else "the CLT"
 
     if features_dir is not None:
@@ -269,19 +334,7 @@ def attribute_prompt(
     slug = slug or default_slug(prompt)
 
     # Heavy work starts here.
-    dtype, device = ht.cfg.dtype, ht.cfg.device
-    if from_set:
-        transcoders, _ = load_transcoders(clt_checkpoint_or_clt, device=device, dtype=dtype)
-        scan = scan or summary["scan"]
-    else:
-        clt = load_clt(clt_checkpoint_or_clt)
-        source = clt_checkpoint_or_clt if isinstance(clt_checkpoint_or_clt, str | Path) else None
-        scan = scan or default_scan(clt, clt.cfg.metadata.model_name or ht.cfg.model_name, source)
-        with tempfile.TemporaryDirectory(prefix="clt-lens-ct-") as tmp:
-            set_dir = write_circuit_tracer_set(clt, Path(tmp) / "set", dtype=torch.float32,
-                                               scan=scan)
-            transcoders, _ = load_transcoders(set_dir, device=device, dtype=dtype)
-    transcoders.scan = scan
+    transcoders, scan = load_circuit_tracer_transcoders(clt_checkpoint_or_clt, summary, ht, scan)
     rm = build_replacement_model(ht, transcoders)
 
     # circuit-tracer runs the prompt batch_size times in parallel whatever the number of rows it
@@ -318,6 +371,8 @@ def attribute_prompt(
     json_path = out / f"{slug}.json"
     data = json.loads(json_path.read_text())
     n_renamed = fix_error_node_ids(data, graph, node_threshold, edge_threshold)
+    data["metadata"][SOURCE_KEY] = {**source_record(clt_checkpoint_or_clt, summary, model, ht),
+                                    "prompt_ids": [int(t) for t in tokens]}
 
     n_labelled = 0
     viewer_dir = None

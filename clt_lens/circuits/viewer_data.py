@@ -13,6 +13,8 @@ the Cantor pairing of (layer, feature index). It reads (``feature_examples/*.js`
 - ``act_min`` / ``act_max`` (colour scale and histogram range), ``histogram`` (bin heights over
   that range), ``quantile_values`` (100 activation percentiles), ``activation_frequency``.
 
+``clt-lens serve``'s ``feature.html`` also reads ``decoder_norms`` (one per target layer).
+
 Files go to ``out_dir/features/{scan_dirname(scan)}/{featureIndex}.json`` with an ``index.json``
 naming the scan; ``clt-lens serve`` points the viewer there. Each page also carries the
 autointerp ``explanation`` (and its scores) when ``features_dir/autointerp.jsonl`` has one.
@@ -37,6 +39,13 @@ N_PERCENTILES = 100
 def cantor_pair(layer: int, index: int) -> int:
     """circuit-tracer's node ``feature`` id of (layer, index)."""
     return (layer + index) * (layer + index + 1) // 2 + index
+
+
+def cantor_unpair(z: int) -> tuple[int, int]:
+    """(layer, index) of a node ``feature`` id; the inverse of ``cantor_pair``."""
+    w = (math.isqrt(8 * z + 1) - 1) // 2
+    index = z - w * (w + 1) // 2
+    return w - index, index
 
 
 def scan_dirname(scan: str) -> str:
@@ -153,6 +162,8 @@ def feature_page(
         "histogram": histogram,
         "quantile_values": percentiles,
         "activation_frequency": float(rec["frac_nonzero"]),
+        # norm of the feature's decoder into each target layer j = layer, layer + 1, ...
+        "decoder_norms": [float(x) for x in rec.get("decoder_norms") or []],
         "explanation": None,
     }
     if explanation:
