@@ -48,17 +48,14 @@ BATCH = 32
 def load(random_model: bool, n_tokens: int):
     """(description, model, tokens [n_seq, 128] BOS first)."""
     n_seq = math.ceil(n_tokens / (CTX - 1))
-    if not random_model:
-        try:
-            from clt_lens.data import load_tokens
-            from clt_lens.models import load_model, model_id
+    if not random_model:  # asked for the embedded model: it loads, or the benchmark fails
+        from clt_lens.data import load_tokens
+        from clt_lens.models import load_model, model_id
 
-            model = load_model("embedded")
-            tokens = load_tokens("embedded", tokenizer=model.tokenizer, context_size=CTX,
-                                 split="heldout", max_tokens=n_seq * CTX)
-            return f"embedded ({model_id(model)})", model, tokens
-        except Exception as e:  # the asset may not be built yet
-            print(f"embedded model unavailable ({type(e).__name__}: {e}); using a random model")
+        model = load_model("embedded")
+        tokens = load_tokens("embedded", tokenizer=model.tokenizer, context_size=CTX,
+                             split="heldout", max_tokens=n_seq * CTX)
+        return f"embedded ({model_id(model)})", model, tokens
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformers import AutoTokenizer
 

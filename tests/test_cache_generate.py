@@ -234,13 +234,8 @@ def test_cli_inspect_and_merge(reference, capsys):
 
 
 def test_embedded_model_end_to_end(tmp_path):
-    """Integration with clt_lens.models / clt_lens.data (runs once those modules exist)."""
-    models = pytest.importorskip("clt_lens.models")
-    data = pytest.importorskip("clt_lens.data")
-    if not hasattr(data, "iter_token_batches") or not hasattr(models, "load_model"):
-        pytest.skip("clt_lens.data.iter_token_batches / clt_lens.models.load_model not there yet")
-    if not (models.EMBEDDED_DIR / "model.safetensors").is_file():
-        pytest.skip("the embedded model asset is not built yet")
+    """Integration with clt_lens.models / clt_lens.data on the embedded model."""
+    from clt_lens import data, models
     from clt_lens.cache.cli import main
 
     out = tmp_path / "cache"

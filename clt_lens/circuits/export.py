@@ -1,6 +1,6 @@
 """Write a CLT as a circuit-tracer 0.5.0 transcoder set (the on-disk format its loaders read).
 
-Two layouts (REFERENCE.md section 3):
+Two layouts (circuit-tracer 0.5.0's loaders):
 
 - ``cross_layer``: ``config.yaml`` + per source layer i ``W_enc_{i}.safetensors`` (``W_enc_{i}``
   [F, d], ``b_enc_{i}`` [F], ``b_dec_{i}`` [d], ``threshold_{i}`` [F] for JumpReLU) and
