@@ -150,7 +150,33 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
             scales.append((self.d_model / msq).sqrt())
         self.input_scale.copy_(scales[0].to(self.input_scale))
         self.output_scale.copy_(scales[1].to(self.output_scale))
+        if self.cfg.b_enc_init_rate is not None:
+            # the trainer calls this once, on a fresh CLT, with its data sample
+            self.init_b_enc_from_data(x_raw, self.cfg.b_enc_init_rate)
         return self.input_scale.clone(), self.output_scale.clone()
+
+    @torch.no_grad()
+    def init_b_enc_from_data(self, x_raw: Tensor, rate: float) -> Tensor:
+        """Set ``b_enc`` so that each feature fires on ``rate`` of the tokens of ``x_raw``.
+
+        A feature fires when its pre-activation exceeds its threshold (JumpReLU), 0 (ReLU) or
+        the rest of the batch (TopK, where only the ordering of b_enc matters); this puts the
+        (1 - rate) quantile of ``x @ W_enc`` at that level, per feature. Each feature needs only
+        its own encoder column, so a feature slice gets the same values as the whole CLT.
+        Returns the new ``b_enc`` [L, F].
+        """
+        self.check_activations(x_raw, "x_raw")
+        if not 0 < rate < 1:
+            raise ValueError(f"rate must be in (0, 1), got {rate}")
+        x_lbd = self.normalize_inputs(x_raw)
+        level = self.threshold if self.cfg.activation == "jumprelu" else None
+        for layer in range(self.n_layers):
+            pre = x_lbd[layer] @ self.W_enc[layer]  # [B, F]
+            k = min(max(math.ceil((1 - rate) * pre.shape[0]), 1), pre.shape[0])
+            q = pre.kthvalue(k, dim=0).values  # torch.quantile refuses > 2**24 elements
+            target = level[layer] if level is not None else torch.zeros_like(q)
+            self.b_enc[layer].copy_(target - q)
+        return self.b_enc.detach().clone()
 
     def normalize_inputs(self, x_raw: Tensor) -> Tensor:
         """[B, L, d] raw -> [L, B, d] normalised (contiguous, the encoder's layout)."""

@@ -40,7 +40,64 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"| KL(original ‖ replacement) | {r['kl']:.4f} |",
         f"| top-1 agreement | {r['top1_agreement']:.1%} |",
     ]
+    lines += _density_lines(result) + _graph_lines(result)
     return "\n".join(lines)
+
+
+def _pct(values: list[float]) -> str:
+    return " / ".join(f"{v:.1%}" for v in values)
+
+
+def _density_lines(result: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    fd, tw = result.get("feature_density"), result.get("training_window")
+    if fd:
+        lines += ["", f"dead on {fd['n_tokens']:,} {result.get('split', 'held-out')} tokens, "
+                  f"per layer: {_pct(fd['dead_fraction'])} (mean {fd['mean_dead_fraction']:.1%}); "
+                  f"firing but on < 1e-4 of them: {_pct(fd['rare_fraction_1e-4'])}"]
+    if tw:
+        lines += ["",
+                  f"dead in the training window ({tw['window_tokens']:,} tokens, step "
+                  f"{tw['step']}), per layer: {_pct(tw['dead_fraction'])} "
+                  f"(mean {tw['mean_dead_fraction']:.1%})"]
+    return lines
+
+
+def _graph_lines(result: dict[str, Any]) -> list[str]:
+    g = result.get("graphs")
+    if not g:
+        return []
+    sm, st = g["summary"], g["settings"]
+
+    def cell(key: str, fmt: str = ".3f") -> str:
+        v = sm.get(key, {})
+        if not v.get("n"):
+            return f"not reached on {v['missing']} of {v['missing']}" if v.get("missing") else "–"
+        return (f"{v['median']:{fmt}} [{v['q1']:{fmt}}, {v['q3']:{fmt}}]"
+                + (f" (not reached on {v['missing']})" if v.get("missing") else ""))
+
+    cap = st["max_feature_nodes"] or "all"
+    lines = [
+        "",
+        f"| attribution graphs ({st['n_prompts']} prompts, {cap} feature nodes; median "
+        "[quartiles]) | value |",
+        "|---|---:|",
+        f"| replacement score (unpruned) | {cell('replacement')} |",
+        f"| completeness (unpruned) | {cell('completeness')} |",
+        f"| mean path length, input to logit (pruned) | {cell('path_length_mean', '.2f')} |",
+        f"| feature nodes after pruning | {cell('pruned_feature_nodes', '.0f')} |",
+    ]
+    for c in st["levels"]:
+        lines.append(f"| feature nodes for completeness {c} | "
+                     f"{cell(f'size_at_completeness_{c}', '.0f')} |")
+    if st.get("n_ablate"):
+        pooled = g.get("pooled_faithfulness", {})
+        lines.append(f"| influence vs ablation effect, Spearman (per prompt) | "
+                     f"{cell('faithfulness_spearman')} |")
+        if pooled:
+            lines.append(f"| same, pooled over {pooled['n']} features | "
+                         f"{pooled['spearman_influence']:.3f} |")
+    return lines
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
@@ -88,4 +145,58 @@ def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     fig.tight_layout()
     fig.savefig(paths["density_png"], dpi=90)
     plt.close(fig)
+    if result.get("graphs"):
+        paths["graphs_png"] = out_dir / "graphs.png"
+        plot_graphs({"": result["graphs"]}, paths["graphs_png"])
     return paths
+
+
+def plot_graphs(graphs: dict[str, dict[str, Any]], path: Path, title: str = "") -> None:
+    """Per-prompt graph metrics of one or more transcoder sets (``evaluate_graphs`` results,
+    keyed by label): replacement, completeness, mean path length, the path-length distribution
+    and the graph size at each completeness level; one point per prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(graphs)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.9))
+    panels = (("replacement", "replacement score (unpruned)"),
+              ("completeness", "completeness (unpruned)"),
+              ("path_length_mean", "mean path length (pruned)"))
+    for ax, (key, name) in zip(axes, panels):
+        data = [[v for v in (_prompt_value(r, key) for r in graphs[k]["prompts"])
+                 if v is not None and v == v] for k in labels]
+        ax.boxplot(data, showfliers=False)
+        for i, vals in enumerate(data):
+            jitter = [i + 1 + 0.08 * ((j % 5) - 2) for j in range(len(vals))]
+            ax.plot(jitter, vals, "o", ms=3, alpha=0.6)
+        ax.set_xticks(range(1, len(labels) + 1), [k or "all" for k in labels])
+        ax.set_title(name, fontsize=10)
+    ax = axes[3]
+    levels = graphs[labels[0]]["settings"]["levels"]
+    width = 0.8 / max(len(labels), 1)
+    for i, k in enumerate(labels):
+        sm = graphs[k]["summary"]
+        med = [sm.get(f"size_at_completeness_{c}", {}).get("median", float("nan")) for c in levels]
+        ax.bar([j + (i - (len(labels) - 1) / 2) * width for j in range(len(levels))], med,
+               width=width, label=k or None)
+    ax.set_xticks(range(len(levels)), [str(c) for c in levels])
+    ax.set_xlabel("completeness")
+    ax.set_title("feature nodes needed (median)", fontsize=10)
+    if any(labels):
+        ax.legend(fontsize=8)
+    for a in axes:
+        a.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _prompt_value(row: dict[str, Any], key: str) -> float | None:
+    if key == "path_length_mean":
+        return row["path_length"]["mean"]
+    return row.get(key)
