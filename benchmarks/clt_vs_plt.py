@@ -60,6 +60,7 @@ PAIRED = {
     "size_at_completeness_0.9": ("feature nodes for completeness 0.9", False),
     "size_at_completeness_0.95": ("feature nodes for completeness 0.95", False),
     "faithfulness_spearman": ("influence vs ablation Spearman", True),
+    "faithfulness_spearman_top": ("same, strongest features only", True),
     "active_features": ("active features on the prompt", False),
 }
 
@@ -308,10 +309,11 @@ def print_tables(runs, evals, graphs, pairs) -> None:
     print(f"\nAttribution graphs over {n} held-out prompts (median [quartiles]):")
     rows = []
     for key, (label, _) in PAIRED.items():
-        fmt = ".3f" if key in ("replacement", "completeness", "faithfulness_spearman") else (
+        fmt = ".3f" if key in ("replacement", "completeness") or "spearman" in key else (
             ".2f" if key == "path_length_mean" else ".0f")
         rows.append([label, *(_q(graphs[k]["summary"][key], fmt) for k in KINDS)])
     for name, key in (("pooled influence vs ablation Spearman", "spearman_influence"),
+                      ("pooled, strongest features only", "spearman_top"),
                       ("pooled signed prediction vs ablation Spearman", "spearman_signed")):
         rows.append([name, *(f"{graphs[k]['pooled_faithfulness'][key]:.3f} "
                              f"(n={graphs[k]['pooled_faithfulness']['n']})"

@@ -135,6 +135,9 @@ def test_ablations_follow_the_graph(attributed):
     res = ablation_faithfulness(graph, rm, n_features=6, tokens=toks)
     assert res["n"] == 6
     feats = res["features"]
+    assert [f["group"] for f in feats] == ["top"] * 3 + ["spread"] * 3
+    top_infl = min(f["influence"] for f in feats if f["group"] == "top")
+    assert all(f["influence"] <= top_infl for f in feats if f["group"] == "spread")
     assert all(f["influence"] > 0 for f in feats)  # no structurally silent features
     assert all(f["position"] >= 1 for f in feats)
     # the most influential feature: the graph's linear prediction and the real ablation agree
@@ -191,4 +194,5 @@ def test_eval_cli_reports_graphs_density_and_training_window(tmp_path: Path, att
     assert "dead in the training window (5,000 tokens, step 2)" in md
     assert "mean path length, input to logit (pruned)" in md
     assert "influence vs ablation effect, Spearman" in md
+    assert "strongest features only" in md
     assert md in capsys.readouterr().out

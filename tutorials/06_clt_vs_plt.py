@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                             ("path_length_mean", "mean path length", ".2f"),
                             ("pruned_feature_nodes", "feature nodes after pruning", ".0f"),
                             ("size_at_completeness_0.8", "features for completeness 0.8", ".0f"),
-                            ("faithfulness_spearman", "influence vs ablation Spearman", ".2f")):
+                            ("faithfulness_spearman", "influence vs ablation Spearman", ".2f"),
+                            ("faithfulness_spearman_top", "  same, strongest features", ".2f")):
         print(f"{label:34s}{med('clt', key):>9{fmt}}{med('plt', key):>9{fmt}}")
 
     # ------------------------------------------------------------------------------------

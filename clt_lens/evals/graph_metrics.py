@@ -15,12 +15,14 @@ error nodes, token embeddings, logits):
 - ``size_at_completeness``: the fewest feature nodes, taken in order of influence, whose graph
   keeps a completeness score of at least c (features left out count as error), for c in
   (0.8, 0.9, 0.95); None where even the whole graph falls short.
-- ``ablation_faithfulness``: for a sample of the graph's features, the influence the graph
-  gives each against the measured effect of ablating it (``intervene``, attention patterns and
+- ``ablation_faithfulness``: for a sample of the graph's features (its strongest ones and
+  others spread over the ranks of influence), the influence the graph gives each against the
+  measured effect of ablating it (``intervene``, attention patterns and
   LayerNorm scales frozen as in attribution, the MLPs recomputed, so the model's own response,
   not the linear graph, is measured) on the graph's logit targets (logit minus mean logit,
   weighted by target probability, as the graph's logit nodes are): Spearman rank correlation of
-  influence against |effect|, and of the graph's signed prediction (minus the sum over paths of
+  influence against |effect| over the sample and over its strongest features alone, and of the
+  graph's signed prediction (minus the sum over paths of
   the products of edge weights) against the signed effect.
 
 ``evaluate_graphs`` runs circuit-tracer's ``attribute`` on a list of prompts through one
@@ -235,19 +237,25 @@ def _ranks(v: Sequence[float]) -> list[float]:
     return ranks
 
 
-def sample_features(influence: torch.Tensor, n: int) -> list[int]:
-    """``n`` feature nodes at evenly spaced ranks of influence (the strongest included), so the
-    sample spans strong and weak features; all of them if there are at most ``n``.
+def sample_features(influence: torch.Tensor, n: int) -> tuple[list[int], list[int]]:
+    """Feature nodes to ablate: the ``n // 2`` most influential ("top") and ``n - n // 2`` at
+    evenly spaced ranks of influence among the rest ("spread"), so the sample holds the
+    features a reader of the graph looks at and spans the weak ones; all if there are <= n.
 
     Features with zero influence are left out: they have no path to the logits (e.g. the last
     layer's features before the last position), so their ablation does nothing by construction
     and their tied zeros would inflate the rank correlation.
     """
     order = [i for i in influence.argsort(descending=True).tolist() if influence[i] > 0]
-    if len(order) <= n:
-        return order
-    idx = sorted({round(i * (len(order) - 1) / (n - 1)) for i in range(n)})
-    return [order[i] for i in idx]
+    n_top = n // 2
+    top, rest = order[:n_top], order[n_top:]
+    m = n - n_top
+    if len(rest) <= m:
+        return top, rest
+    if m == 1:
+        return top, [rest[0]]
+    idx = sorted({round(i * (len(rest) - 1) / (m - 1)) for i in range(m)})
+    return top, [rest[i] for i in idx]
 
 
 @torch.no_grad()
@@ -258,31 +266,38 @@ def ablation_faithfulness(graph: Any, replacement_model: Any, *, n_features: int
 
     lay = _layout(graph)
     if lay["features"] == 0:
-        return {"n": 0, "spearman_influence": float("nan"), "spearman_signed": float("nan"),
-                "features": []}
+        return {"n": 0, **faithfulness_scores([]), "features": []}
     influence = node_influence(graph)[: lay["features"]]
     predicted = -signed_logit_effects(graph)[: lay["features"]]
     ids = graph.logit_token_ids.tolist()
     probs = graph.logit_probabilities.double().cpu()
     toks = graph.input_tokens if tokens is None else tokens
     rows = []
-    for node in sample_features(influence, n_features):
+    top, spread = sample_features(influence, n_features)
+    for node, group in [(n, "top") for n in top] + [(n, "spread") for n in spread]:
         layer, pos, feat = (int(v) for v in graph.active_features[graph.selected_features[node]])
         res = intervene(replacement_model, toks, [Intervention(layer, feat, pos, "ablate")],
                         freeze=True, top_k=1)
         before, after = res.logits_before.double(), res.logits_after.double()
         delta = (after[ids] - after.mean()) - (before[ids] - before.mean())
         effect = float((delta * probs).sum())
-        rows.append({"layer": layer, "position": pos, "feature": feat,
+        rows.append({"layer": layer, "position": pos, "feature": feat, "group": group,
                      "influence": float(influence[node]), "predicted": float(predicted[node]),
                      "measured": effect})
+    return {"n": len(rows), **faithfulness_scores(rows), "features": rows}
+
+
+def faithfulness_scores(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Spearman of influence against |measured effect| over all rows and over the "top" ones
+    (the strongest features: does the graph rank the nodes a reader looks at?), and of the
+    signed linear prediction against the signed effect."""
+    top = [r for r in rows if r.get("group") == "top"]
     return {
-        "n": len(rows),
         "spearman_influence": spearman([r["influence"] for r in rows],
                                        [abs(r["measured"]) for r in rows]),
+        "spearman_top": spearman([r["influence"] for r in top], [abs(r["measured"]) for r in top]),
         "spearman_signed": spearman([r["predicted"] for r in rows],
                                     [r["measured"] for r in rows]),
-        "features": rows,
     }
 
 
@@ -330,6 +345,7 @@ SUMMARY_KEYS = {
     "active_features": lambda r: r["n_active_features"],
     "attributed_features": lambda r: r["n_attributed_features"],
     "faithfulness_spearman": lambda r: r.get("faithfulness", {}).get("spearman_influence"),
+    "faithfulness_spearman_top": lambda r: r.get("faithfulness", {}).get("spearman_top"),
     "faithfulness_spearman_signed": lambda r: r.get("faithfulness", {}).get("spearman_signed"),
     "attribute_seconds": lambda r: r["attribute_seconds"],
 }
@@ -395,11 +411,7 @@ def evaluate_graphs(
     pooled = {}
     if n_ablate:
         feats = [f for r in rows for f in r["faithfulness"]["features"]]
-        pooled = {"n": len(feats),
-                  "spearman_influence": spearman([f["influence"] for f in feats],
-                                                 [abs(f["measured"]) for f in feats]),
-                  "spearman_signed": spearman([f["predicted"] for f in feats],
-                                              [f["measured"] for f in feats])}
+        pooled = {"n": len(feats), **faithfulness_scores(feats)}
     return {
         "prompts": rows,
         "summary": summary,

@@ -94,9 +94,11 @@ def _graph_lines(result: dict[str, Any]) -> list[str]:
         pooled = g.get("pooled_faithfulness", {})
         lines.append(f"| influence vs ablation effect, Spearman (per prompt) | "
                      f"{cell('faithfulness_spearman')} |")
+        lines.append(f"| same, strongest features only (per prompt) | "
+                     f"{cell('faithfulness_spearman_top')} |")
         if pooled:
-            lines.append(f"| same, pooled over {pooled['n']} features | "
-                         f"{pooled['spearman_influence']:.3f} |")
+            lines.append(f"| same, pooled over {pooled['n']} features (strongest only) | "
+                         f"{pooled['spearman_influence']:.3f} ({pooled['spearman_top']:.3f}) |")
     return lines
 
 
