@@ -56,10 +56,11 @@ def child(spec: dict) -> None:
     from clt_lens.training.sources import SyntheticSource
 
     out = Path(spec["out"])
-    phases: dict[str, float] = {"import": _status("VmHWM") / GB}
+    phases: dict[str, float] = {}
 
     class Measured(Trainer):
         def _setup_model(self):
+            phases["imports+setup"] = _status("VmHWM") / GB
             _reset_peak()
             super()._setup_model()
             phases["init" if self._resume is None else "resume"] = _status("VmHWM") / GB
@@ -160,10 +161,12 @@ def main() -> None:
             train, res = read(out, "train"), read(out, "resume")
             result["memory"][world] = {"train": train, "resume": res}
             for t, r in zip(train, res):
-                ph = {**t["phases_gb"], "resume": r["phases_gb"]["resume"]}
+                ph, rp = t["phases_gb"], r["phases_gb"]
+                after = max(rp.get(k, 0) for k in ("steps", "checkpoint", "final"))
                 rows.append([world, t["rank"], f"{t['param_gb'] + t['adam_gb']:.2f}",
                              *(f"{ph.get(k, 0):.2f}" for k in ("init", "steps", "checkpoint",
-                                                             "final", "resume")),
+                                                             "final")),
+                             f"{rp['resume']:.2f}", f"{after:.2f}",
                              f"{max(t['peak_gb'], r['peak_gb']):.2f}"])  # fmt: skip
             shutil.rmtree(out)
         one = max(max(t["peak_gb"], r["peak_gb"]) for t, r in zip(
@@ -173,7 +176,8 @@ def main() -> None:
               f"{shape['batch']}; fixed overhead (torch + clt_lens imported): "
               f"{result['overhead_gb']:.2f} GB")
         print_table(["world", "rank", "weights+Adam GB", "init", "steps", "checkpoint",
-                     "final/", "resume", "peak RSS GB"], rows)
+                     "final/", "resume (read)", "resumed: step+ckpt+final/", "peak RSS GB"],
+                    rows)  # fmt: skip
         for world in worlds[1:]:
             peaks = [max(t["peak_gb"], r["peak_gb"]) for t, r in zip(
                 result["memory"][world]["train"], result["memory"][world]["resume"])]

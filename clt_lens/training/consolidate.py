@@ -39,14 +39,14 @@ def consolidate(ckpt: str | Path, out: str | Path, *, chunk_bytes: int = CHUNK_B
     tmp.mkdir(parents=True)
     weights = tmp / f"{WEIGHTS_STEM}.safetensors"
     if is_sharded(src):
-        reader = TensorReader(src, WEIGHTS_STEM)
-        specs = [TensorSpec(n, reader.dtype(n), reader.shape(n)) for n in reader.names()]
+        with TensorReader(src, WEIGHTS_STEM) as reader:
+            specs = [TensorSpec(n, reader.dtype(n), reader.shape(n)) for n in reader.names()]
 
-        def chunks(spec: TensorSpec):
-            row = spec.nbytes // max(spec.shape[0], 1) if spec.shape else spec.nbytes
-            return reader.chunks(spec.name, rows=max(1, chunk_bytes // max(row, 1)))
+            def chunks(spec: TensorSpec):
+                row = spec.nbytes // max(spec.shape[0], 1) if spec.shape else spec.nbytes
+                return reader.chunks(spec.name, rows=max(1, chunk_bytes // max(row, 1)))
 
-        write_safetensors_streaming(weights, specs, chunks)
+            write_safetensors_streaming(weights, specs, chunks)
     else:
         shutil.copyfile(src / weights.name, weights)
     for f in ("cfg.json", ckpt_io.CONFIG_FILE):

@@ -306,7 +306,8 @@ class Trainer:
         self.features = par.shard_slice(cfg.d_sae)
         clt = build_clt(cfg, self.info, d_sae=cfg.d_sae // par.feature_size, device=self.device)
         if self._resume is not None:
-            self._read_tensors(clt.state_dict(), self._resume.weights(), "weights")
+            with self._resume.weights() as reader:
+                self._read_tensors(clt.state_dict(), reader, "weights")
         else:
             init_clt_(clt, seed=cfg.seed, feature_start=self.features.start,
                       total_features=cfg.d_sae)  # fmt: skip
@@ -332,38 +333,36 @@ class Trainer:
     def _read_tensors(self, dest: dict[str, torch.Tensor], reader: Any, what: str) -> None:
         """Copy this rank's slice of every tensor of ``dest`` from a checkpoint reader."""
         for name, t in dest.items():
-            got = reader.read(name, self.features if feature_dim(name) is not None else None)
-            if tuple(got.shape) != tuple(t.shape):
-                raise ckpt_io.CheckpointError(
-                    f"checkpoint {self.resume_from}: {what} tensor {name!r} has shape "
-                    f"{tuple(got.shape)} for this rank's slice, expected {tuple(t.shape)}"
-                )
-            with torch.no_grad():
-                t.copy_(got)
+            got = self._read_slice(reader, name, t, what)
+            if got is not t:
+                with torch.no_grad():
+                    t.copy_(got)
+
+    def _read_slice(self, reader: Any, name: str, like: torch.Tensor, what: str) -> torch.Tensor:
+        """This rank's slice of tensor ``name`` with ``like``'s shape, read straight into
+        ``like`` when it is a contiguous CPU tensor (no second copy of the slice in memory)."""
+        fd = feature_dim(name)
+        features = self.features if fd is not None else None
+        want = list(reader.shape(name))
+        if fd is not None:
+            want[fd] = self.features.stop - self.features.start
+        if tuple(want) != tuple(like.shape):
+            raise ckpt_io.CheckpointError(
+                f"checkpoint {self.resume_from}: {what} tensor {name!r} has shape "
+                f"{tuple(want)} for this rank's slice, expected {tuple(like.shape)}"
+            )
+        direct = (like.device.type == "cpu" and like.is_contiguous()
+                  and reader.dtype(name) == like.dtype)  # fmt: skip
+        return reader.read(name, features, out=like.detach() if direct else None)
 
     def _resume_training_state(self, ck: ckpt_io.Checkpoint) -> None:
         par = self.par
-        opt = ck.optimizer()
-        index = {id(p): i for i, p in enumerate(self.params)}
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for name, p in self.clt.named_parameters():
-            if id(p) not in index or f"{name}.exp_avg" not in opt:
-                continue
-            entry = {}
-            for key in ("step", "exp_avg", "exp_avg_sq"):
-                val = opt.read(f"{name}.{key}", self.features if key != "step" else None)
-                if key != "step" and tuple(val.shape) != tuple(p.shape):
-                    raise ckpt_io.CheckpointError(
-                        f"checkpoint {ck.path}: Adam state {name}.{key} has shape "
-                        f"{tuple(val.shape)} for this rank's slice, expected {tuple(p.shape)}"
-                    )
-                # the param's own layout: the fused Adam kernel walks state and param together
-                entry[key] = val if key == "step" else torch.empty_like(p).copy_(val)
-            state[index[id(p)]] = entry
+        with ck.optimizer() as opt:
+            state = self._read_adam_state(opt)
+            since = opt.read("since_fired", self.features)
         saved = self.opt.state_dict()
         saved["state"] = state
         self.opt.load_state_dict(saved)  # applies torch's device/dtype rules for "step"
-        since = opt.read("since_fired", self.features)
         self.since_fired.copy_(since.to(self.device))
         st = ck.state
         self.step, self.tokens = int(st["step"]), int(st["tokens"])
@@ -380,6 +379,22 @@ class Trainer:
         self.source.load_state_dict(data_state)
         self.last_checkpoint = ck.path
         self.log.truncate_after(self.step)
+
+    def _read_adam_state(self, opt: Any) -> dict[int, dict[str, torch.Tensor]]:
+        """Adam's state for this rank's parameters, by position in the optimizer."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, p in self.clt.named_parameters():
+            if id(p) not in index or f"{name}.exp_avg" not in opt:
+                continue
+            entry = {"step": opt.read(f"{name}.step")}
+            for key in ("exp_avg", "exp_avg_sq"):
+                # the param's own layout: the fused Adam kernel walks state and param together
+                buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+                got = self._read_slice(opt, f"{name}.{key}", buf, "Adam state")
+                entry[key] = got if got is buf else buf.copy_(got)
+            state[index[id(p)]] = entry
+        return state
 
     def _autocast(self):
         if self.cfg.autocast == "none":
