@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, list[str] | None] = {
     "attribution.py": ["--caps", "50", "--prompts", "1"],
     "distributed.py": ["--quick"],
     "clt_vs_plt.py": ["--steps", "20", "--d-sae", "128", "--batch-size", "256"],
+    "gpu_check.py": ["--cpu-smoke"],  # without a GPU, the default run exits 2 and says why
 }
 NOT_BENCHMARKS = {"common.py", "plots.py", "run_all.py"}
 

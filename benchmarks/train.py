@@ -31,7 +31,12 @@ REPEATS = {"demo": 12, "L12": 4}  # blocks per mode; short steps need more to se
 MODES = ("auto", "dense")  # "auto" = what training uses (sparse at these densities)
 
 
-def _setup(L: int, d: int, F: int, B: int, active: float):
+def _setup(L: int, d: int, F: int, B: int, active: float, device: str = "cpu",
+           autocast: str = "none"):  # fmt: skip
+    """A CLT of this shape on ``device`` with thresholds giving ``active`` firing, and a function
+    running one whole training step (as the trainer does) in a decode mode."""
+    import contextlib
+
     import torch
 
     from clt_lens.clt import CLTConfig, CrossLayerTranscoder
@@ -39,30 +44,46 @@ def _setup(L: int, d: int, F: int, B: int, active: float):
     from clt_lens.training.trainer import make_adam
 
     torch.manual_seed(0)
-    clt = CrossLayerTranscoder(CLTConfig(d_in=d, d_sae=F, n_layers=L))
-    x = torch.randn(B, L, d)
-    y = torch.randn(B, L, d)
+    clt = CrossLayerTranscoder(CLTConfig(d_in=d, d_sae=F, n_layers=L, device=device))
+    x = torch.randn(B, L, d, device=device)
+    y = torch.randn(B, L, d, device=device)
     clt.estimate_normalization(x, y)
     with torch.no_grad():  # thresholds at the (1 - active) quantile of each feature's pre-acts
         pre = clt.preacts_lbf(clt.normalize_inputs(x))  # [L, B, F]
-        q = torch.quantile(pre, 1 - active, dim=1)
+        q = torch.quantile(pre.float().cpu(), 1 - active, dim=1).to(device)
         clt.log_threshold.copy_(q.clamp_min(1e-3).log())
+        del pre
     params = list(clt.parameters())
-    opt = make_adam(params, TrainConfig(lr=1e-4), "cpu")
+    opt = make_adam(params, TrainConfig(lr=1e-4), torch.device(device).type)
+    cuda = torch.device(device).type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
 
     def step(mode: str) -> tuple[float, float]:
         """Seconds of one full step and the mean L0 per layer it saw."""
         clt.cfg.decode = mode
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        out = clt.training_forward(x, y, sparsity_coeff=1e-4)
+        ctx = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype
+               else contextlib.nullcontext())  # fmt: skip
+        with ctx:
+            out = clt.training_forward(x, y, sparsity_coeff=1e-4)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
-        l0 = float(out.l0_per_layer.mean())
+        l0 = float(out.l0_per_layer.mean())  # a sync on CUDA: the step is done
         return time.perf_counter() - t, l0
 
     return clt, step
+
+
+def work_flops(L: int, d: int, F: int, B: int, l0: float) -> tuple[float, float]:
+    """FLOPs of one step: (the work needed: encoder forward + backward and decoding of the
+    active features only, the same with every feature decoded densely)."""
+    pairs = L * (L + 1) // 2
+    enc = 3 * 2 * B * d * F * L  # forward + two backward matmuls
+    return enc + 3 * 2 * (B * L * l0) * d * (L + 1) / 2, enc + 3 * 2 * B * F * d * pairs
 
 
 def time_child(L: int, d: int, F: int, B: int, active: float, repeats: int) -> dict:
@@ -85,15 +106,12 @@ def time_child(L: int, d: int, F: int, B: int, active: float, repeats: int) -> d
     med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
     l0 = sorted(l0s)[len(l0s) // 2]
     n_params = sum(p.numel() for p in clt.parameters())
-    pairs = L * (L + 1) // 2
-    enc_flops = 3 * 2 * B * d * F * L  # forward + two backward matmuls
-    dense_dec = 3 * 2 * B * F * d * pairs
-    sparse_dec = 3 * 2 * (B * L * l0) * d * (L + 1) / 2  # active features x their targets
+    needed, dense = work_flops(L, d, F, B, l0)
     return {
         "L": L, "d": d, "F": F, "B": B, "active_frac": l0 / F, "params": n_params,
         "step_s": med["auto"], "dense_step_s": med["dense"],
         "step_s_all": times["auto"], "dense_step_s_all": times["dense"],
-        "flops_needed": enc_flops + sparse_dec, "flops_dense": enc_flops + dense_dec,
+        "flops_needed": needed, "flops_dense": dense,
         "params_plus_adam_mb": n_params * 4 * 4 / 2**20,  # weights, grads, two Adam moments
         "matmul_peak_flops": sorted(peaks)[-1],
         "matmul_peak_flops_all": peaks,
