@@ -129,7 +129,8 @@ class WebDriver:
     def fit_window_to_page(self, max_height: int = 4000) -> None:
         """Make the window as tall as the page (up to ``max_height``) for a whole-page shot."""
         height = self.js("return document.documentElement.scrollHeight")
-        self.session("POST", "/window/rect", {"width": 1400, "height": min(height + 140, max_height)})
+        self.session("POST", "/window/rect",
+                     {"width": 1400, "height": min(height + 140, max_height)})
 
     def screenshot(self, path: Path) -> Path:
         path.write_bytes(base64.b64decode(self.session("GET", "/screenshot")))

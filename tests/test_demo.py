@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import urllib.parse
-from pathlib import Path
 
 import pytest
 from browser_helpers import WebDriver, chromium_or_skip, screenshot_dir

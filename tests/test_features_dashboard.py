@@ -106,6 +106,10 @@ def test_dashboard_html_shows_our_activations(clt, page):
     out, toks, _ = page
     html = out.read_text(encoding="utf-8")
     assert len(html) > 10_000 and "DASHBOARD_DATA" in html and "<script" in html
+    # a whole document that says it is UTF-8 (Chromium guesses right for a file without the
+    # declaration; other browsers, and servers, need it), loading nothing from the network
+    assert html.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in html[:300]
+    assert not re.search(r"""<(script|link)[^>]+(src|href)=["']?(https?:)?//""", html)
     # The page's data for each feature; its max activation is the CLT's raw activation over the
     # same prompts, BOS excluded as in our statistics: no decoder-norm folding.
     for m in _max_acts(clt, toks).values():

@@ -11,7 +11,6 @@ keeps its width as no-break spaces.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -36,22 +35,22 @@ def _bytes_to_unicode() -> dict[int, str]:
 _BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 
-def _has_byte_level_decoder(tokenizer: Any) -> bool:
+def _decoder_style(tokenizer: Any) -> str:
+    """"bytes" (GPT-2-style byte-level BPE), "metaspace" (SentencePiece: "▁" and <0xNN>
+    pieces) or "other"."""
     if hasattr(tokenizer, "byte_decoder"):  # slow GPT-2-style tokenizers
-        return True
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return False
-    decoder = json.loads(backend.to_str()).get("decoder")
-
-    def walk(node: Any) -> bool:
-        if isinstance(node, dict):
-            return node.get("type") == "ByteLevel" or any(walk(v) for v in node.values())
-        if isinstance(node, list):
-            return any(walk(v) for v in node)
-        return False
-
-    return walk(decoder)
+        return "bytes"
+    if hasattr(tokenizer, "sp_model"):  # slow SentencePiece tokenizers
+        return "metaspace"
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return "other"
+    spec = decoder.__getstate__().decode("utf-8")  # its JSON, without the vocabulary
+    if '"ByteLevel"' in spec:
+        return "bytes"
+    if '"Metaspace"' in spec or "▁" in spec or '"ByteFallback"' in spec:
+        return "metaspace"
+    return "other"
 
 
 def visible(text: str) -> str:
@@ -65,7 +64,7 @@ def visible(text: str) -> str:
 
 def token_text_fn(tokenizer: Any) -> Callable[[int], str]:
     """A function from token id to the string a page shows for it (cached per id)."""
-    byte_level = _has_byte_level_decoder(tokenizer)
+    style = _decoder_style(tokenizer)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     added = set(getattr(tokenizer, "get_added_vocab", dict)().values())
     cache: dict[int, str] = {}
@@ -79,11 +78,11 @@ def token_text_fn(tokenizer: Any) -> Callable[[int], str]:
             out = f"<unknown id {token_id}>"
         elif token_id in special or token_id in added:
             out = piece
-        elif byte_level and all(c in _BYTE_DECODER for c in piece):
+        elif style == "bytes" and all(c in _BYTE_DECODER for c in piece):
             out = bytes(_BYTE_DECODER[c] for c in piece).decode("utf-8", "backslashreplace")
-        elif m := _BYTE_TOKEN.fullmatch(piece):
+        elif style == "metaspace" and (m := _BYTE_TOKEN.fullmatch(piece)):
             out = bytes([int(m.group(1), 16)]).decode("utf-8", "backslashreplace")
-        elif "▁" in piece:
+        elif style == "metaspace":
             out = piece.replace("▁", " ")
         else:
             out = tokenizer.decode([token_id])
