@@ -140,9 +140,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     total = time.perf_counter() - st.t0
     print(f"\nall done in {total / 60:.1f} min. Everything is under {out}/:")
     for label, path in [
-        ("index", index), ("training curves", out / "train" / "training_curves.png"),
+        ("index (open in a browser)", index),
+        ("training curves", out / "train" / "training_curves.png"),
         ("checkpoint (SAELens folder)", final), ("evaluation", out / "eval" / "eval.json"),
-        ("features", features_dir), ("Neuronpedia export", np_export),
+        ("features", features_dir),
+        *([("dashboards (SAE-Dashboard)", out / "dashboards")] if dashboards else []),
+        ("Neuronpedia export", np_export),
         ("circuit-tracer set", ct_dir), ("graph", graph.json_path),
     ]:
         print(f"  {label:<28} {path}")
@@ -166,20 +169,21 @@ def _dashboards_unavailable() -> str | None:
     return None
 
 
-def _choose_features(features_dir: Path) -> dict[int, list[int]]:
-    """The FEATURES_PER_LAYER features of each layer that fire most often (dead ones never)."""
+def _choose_features(features_dir: Path) -> dict[int, list[dict[str, Any]]]:
+    """The records of the FEATURES_PER_LAYER features of each layer that fire most often
+    (dead ones never)."""
     from clt_lens.features import iter_features, read_manifest
 
     chosen = {}
     for layer in read_manifest(features_dir)["layers"]:
-        feats = sorted(iter_features(features_dir, layer), key=lambda r: -r["frac_nonzero"])
-        picked = [r["index"] for r in feats if r["frac_nonzero"] > 0][:FEATURES_PER_LAYER]
-        if picked:
-            chosen[layer] = picked
+        top = sorted((r for r in iter_features(features_dir, layer) if r["frac_nonzero"] > 0),
+                     key=lambda r: -r["frac_nonzero"])[:FEATURES_PER_LAYER]
+        if top:
+            chosen[layer] = top
     return chosen
 
 
-def _dashboards(final: Path, model: Any, chosen: dict[int, list[int]],
+def _dashboards(final: Path, model: Any, chosen: dict[int, list[dict[str, Any]]],
                 out: Path) -> dict[int, Path]:
     """One SAE-Dashboard page per layer for the chosen features."""
     import torch
@@ -192,15 +196,17 @@ def _dashboards(final: Path, model: Any, chosen: dict[int, list[int]],
     tokens = load_tokens("embedded", tokenizer=model.tokenizer, context_size=model.cfg.n_ctx,
                          split="heldout", max_tokens=32 * model.cfg.n_ctx, shuffle=False)
     pages = {}
-    for layer, feats in chosen.items():
+    for layer, records in chosen.items():
         with torch.no_grad():
-            pages[layer] = write_dashboard(clt, layer, feats, model=model, tokens=tokens,
+            pages[layer] = write_dashboard(clt, layer, [r["index"] for r in records],
+                                           model=model, tokens=tokens,
                                            out_html=out / f"layer_{layer}.html")
         print(f"   {pages[layer]}")
     return pages
 
 
-def _maybe_autointerp(features_dir: Path, chosen: dict[int, list[int]]) -> dict[str, Any] | None:
+def _maybe_autointerp(features_dir: Path,
+                      chosen: dict[int, list[dict[str, Any]]]) -> dict[str, Any] | None:
     if not (os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL")):
         print("   autointerp skipped: set OPENAI_API_KEY (and OPENAI_BASE_URL for a local server)"
               " and CLT_LENS_AUTOINTERP_MODEL to explain features")
@@ -208,5 +214,5 @@ def _maybe_autointerp(features_dir: Path, chosen: dict[int, list[int]]) -> dict[
     from clt_lens.autointerp import run_autointerp
 
     model = os.environ.get("CLT_LENS_AUTOINTERP_MODEL", "gpt-4o-mini")
-    pairs = [(layer, i) for layer, feats in chosen.items() for i in feats]
+    pairs = [(layer, r["index"]) for layer, records in chosen.items() for r in records]
     return run_autointerp(features_dir, model=model, features=pairs)

@@ -74,20 +74,16 @@ def _tokens_html(tokens: list[str]) -> str:
     return "".join(f'<span class="tok">{html.escape(visible(t))}</span>' for t in tokens)
 
 
-def feature_rows(features_dir: Path, chosen: dict[int, list[int]],
+def feature_rows(features_dir: Path, chosen: dict[int, list[dict[str, Any]]],
                  dashboards: dict[int, Path]) -> list[dict[str, Any]]:
-    """One entry per chosen feature: where its dashboard is, its explanation (if any), top
-    tokens (the token at the peak of each top example, most frequent first) and top logits."""
+    """One entry per chosen feature record: where its dashboard is, its explanation (if any),
+    top tokens (the token at the peak of each top example, most frequent first), top logits."""
     from clt_lens.autointerp import load_explanations
-    from clt_lens.features import iter_features
 
     explanations = load_explanations(features_dir)
     rows = []
-    for layer, indices in sorted(chosen.items()):
-        wanted = set(indices)
-        for rec in iter_features(features_dir, layer):
-            if rec["index"] not in wanted:
-                continue
+    for layer, records in sorted(chosen.items()):
+        for rec in sorted(records, key=lambda r: r["index"]):
             peaks = Counter(ex["tokens"][ex["max_pos"]] for ex in rec.get("top_examples", []))
             expl = explanations.get((layer, rec["index"]))
             rows.append({
@@ -156,7 +152,7 @@ def _autointerp_html(summary: dict[str, Any] | None) -> str:
 
 def write_index(
     out: Path, *, result: dict[str, Any], graph: Any, dashboards: dict[int, Path],
-    dashboard_note: str | None, features_dir: Path, chosen: dict[int, list[int]],
+    dashboard_note: str | None, features_dir: Path, chosen: dict[int, list[dict[str, Any]]],
     np_export: Path, ct_dir: Path, checkpoint: Path, autointerp: dict[str, Any] | None,
     times: dict[str, float],
 ) -> Path:
