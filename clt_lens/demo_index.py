@@ -97,13 +97,10 @@ def feature_rows(features_dir: Path, chosen: dict[int, list[dict[str, Any]]],
     return rows
 
 
-def _feature_browser(out: Path, rows: list[dict[str, Any]], autointerp_ran: bool,
-                     dashboard_note: str | None) -> str:
+def _feature_browser(out: Path, rows: list[dict[str, Any]], autointerp_ran: bool) -> str:
     if not rows:
         return "<p>No features were chosen (no feature fired on the held-out tokens).</p>"
     parts = []
-    if dashboard_note:
-        parts.append(f'<p class="note">No dashboards: {html.escape(dashboard_note)}</p>')
     what = "explanation, top token or L2/F17" if autointerp_ran else "top token or L2/F17"
     parts.append(f'<input id="feature-search" type="search" placeholder="search by {what}" '
                  'autocomplete="off"> <span id="feature-count" class="note"></span>')
@@ -173,7 +170,7 @@ def write_index(
     dash_items = "".join(
         f"<li>{_link(p, out, f'layer {layer}')} ({len(chosen.get(layer, []))} features)</li>"
         for layer, p in sorted(dashboards.items())
-    ) or f"<li>none: {html.escape(dashboard_note or 'no features fired')}</li>"
+    ) or f"<li>No dashboards: {html.escape(dashboard_note or 'no feature fired')}</li>"
     targets = ", ".join(f"<span class=\"tok\">{html.escape(visible(t))}</span> {p:.0%}"
                         for t, p in (graph.logit_targets or [])[:5])
     times_rows = "".join(f'<tr><td>{html.escape(k)}</td><td class="num">{v:.0f} s</td></tr>'
@@ -201,7 +198,7 @@ agreement {r['top1_agreement']:.1%}; mean explained variance
 <p>SAE-Dashboard pages (feature tables, activation histogram, top and quantile examples, logit
 tables), one per source layer:</p><ul>{dash_items}</ul>
 {_autointerp_html(autointerp)}
-{_feature_browser(out, rows, autointerp is not None, dashboard_note)}
+{_feature_browser(out, rows, autointerp is not None)}
 <p>All feature records: {_link(features_dir, out, _rel(features_dir, out) + "/")}
 (<code>layer_LL.jsonl</code>, described in <code>clt_lens/features/format.py</code>);
 Neuronpedia export: {_link(np_export, out, _rel(np_export, out) + "/")}.</p>
