@@ -172,12 +172,16 @@ def _dashboards_unavailable() -> str | None:
 def _choose_features(features_dir: Path) -> dict[int, list[dict[str, Any]]]:
     """The records of the FEATURES_PER_LAYER features of each layer that fire most often
     (dead ones never)."""
+    import heapq
+
     from clt_lens.features import iter_features, read_manifest
 
     chosen = {}
     for layer in read_manifest(features_dir)["layers"]:
-        top = sorted((r for r in iter_features(features_dir, layer) if r["frac_nonzero"] > 0),
-                     key=lambda r: -r["frac_nonzero"])[:FEATURES_PER_LAYER]
+        # nlargest keeps only the winners' records in memory, not the whole layer's
+        top = heapq.nlargest(FEATURES_PER_LAYER, (r for r in iter_features(features_dir, layer)
+                                                  if r["frac_nonzero"] > 0),
+                             key=lambda r: r["frac_nonzero"])
         if top:
             chosen[layer] = top
     return chosen
