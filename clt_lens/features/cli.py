@@ -81,9 +81,10 @@ def build_config(args: argparse.Namespace, extra: Sequence[str]) -> FeaturesConf
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     cfg = build_config(args, extra)
     if cfg.dashboard:
-        from clt_lens.features.dashboard import require_sae_dashboard
+        from clt_lens.features.dashboard import require_dashboard_scripts, require_sae_dashboard
 
         require_sae_dashboard()  # fail before the pass, not after it
+        require_dashboard_scripts()
     out = run_features(cfg)
     manifest = json.loads((out / "features.json").read_text(encoding="utf-8"))
     timing = manifest["timing"]
