@@ -338,11 +338,14 @@ class TensorReader:
                 for start in range(0, shape[0], rows):
                     yield f.read(name, 0, start, min(shape[0], start + rows))
             return
-        n0 = self.shape(name)[0]
-        for start in range(0, n0, rows):
-            stop = min(n0, start + rows)
-            parts = [f.read(name, 0, start, stop) for f in self._files]
-            yield parts[0] if len(parts) == 1 else torch.cat(parts, dim=fd)
+        shape = list(self.shape(name))
+        per = shape[fd] // self.n_shards
+        for start in range(0, shape[0], rows):
+            stop = min(shape[0], start + rows)
+            out = torch.empty([stop - start, *shape[1:]], dtype=self.dtype(name))
+            for k, f in enumerate(self._files):  # each shard's columns, one shard at a time
+                out.narrow(fd, k * per, per).copy_(f.read(name, 0, start, stop))
+            yield out
 
 
 def write_shard_index(ckpt: Path, n_shards: int, n_features: int) -> None:

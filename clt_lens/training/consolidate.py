@@ -3,7 +3,8 @@
 A feature-sharded run's checkpoints hold one file per feature slice. ``consolidate`` streams
 them into ``cfg.json`` + ``sae_weights.safetensors`` (what ``SAE.load_from_disk`` and
 ``clt-lens export`` read) a chunk at a time: at most about one layer's decoder (a budget of
-``chunk_bytes``, or one layer of ``W_enc``) is in memory, never the model. Training runs it at
+``chunk_bytes``, or one layer of ``W_enc``, plus one shard's part of it) is in memory, never
+the model. Training runs it at
 the end of every run to write ``final/``; the command is for other checkpoints.
 """
 
@@ -23,7 +24,7 @@ from clt_lens.clt.storage import (
 from clt_lens.fsutil import fsync_dir
 from clt_lens.training import checkpoint as ckpt_io
 
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 
 def consolidate(ckpt: str | Path, out: str | Path, *, chunk_bytes: int = CHUNK_BYTES) -> Path:
