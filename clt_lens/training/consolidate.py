@@ -2,10 +2,10 @@
 
 A feature-sharded run's checkpoints hold one file per feature slice. ``consolidate`` streams
 them into ``cfg.json`` + ``sae_weights.safetensors`` (what ``SAE.load_from_disk`` and
-``clt-lens export`` read) a chunk at a time: at most about one layer's decoder (a budget of
-``chunk_bytes``, or one layer of ``W_enc``, plus one shard's part of it) is in memory, never
-the model. Training runs it at
-the end of every run to write ``final/``; the command is for other checkpoints.
+``clt-lens export`` read) a chunk at a time: one chunk (``chunk_bytes``, or one layer of
+``W_enc`` if that is larger) and one shard's part of it are in memory, never the model.
+Training runs it at the end of every run to write ``final/``; the command is for other
+checkpoints.
 """
 
 from __future__ import annotations
