@@ -317,6 +317,9 @@ class Trainer:
         self.clt.train()
         self.params = [p for p in self.clt.parameters() if p.requires_grad]
         self.opt = make_adam(self.params, cfg, torch.device(self.device).type)
+        # fused Adam scales the gradients itself (the grad scaler's path), so the clipping
+        # coefficient rides along instead of costing a pass over every gradient
+        self._clip_in_adam = bool(self.opt.defaults.get("fused")) and cfg.autocast != "fp16"
         L, F = self.info.n_layers, self.clt.cfg.d_sae
         self.since_fired = torch.zeros(L, F, dtype=torch.long, device=self.device)
         self.step = 0
@@ -419,7 +422,10 @@ class Trainer:
         total = (sharded_sq + _sq_norm(replicated, self.device)).sqrt()
         if self.cfg.grad_clip > 0:
             coef = (self.cfg.grad_clip / (total + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
+            if self._clip_in_adam:  # the fused kernel divides by grad_scale: no extra pass
+                self.opt.grad_scale = coef.reciprocal()
+            else:
+                torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
         return total
 
     def train(self):
