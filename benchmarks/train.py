@@ -118,6 +118,59 @@ def time_child(L: int, d: int, F: int, B: int, active: float, repeats: int) -> d
     }  # fmt: skip
 
 
+def trained_child(demo: str, repeats: int) -> dict:
+    """Our step against dense decoding on the demo's trained CLT and its cached activations
+    (the regime the README's demo trains in), interleaved in one process as above."""
+    import torch
+    from sae_lens import SAE
+
+    import clt_lens  # noqa: F401  (registers the architecture)
+    from clt_lens.cache import CacheReader
+    from clt_lens.training.config import TrainConfig
+    from clt_lens.training.trainer import make_adam
+
+    run = Path(demo) / "train" / "final"
+    cfg = json.loads((run / "train_config.json").read_text())
+    clt = SAE.load_from_disk(str(run))
+    clt.train()
+    B = int(cfg["batch_size"])
+    reader = CacheReader(Path(demo) / "cache", batch_size=B, shuffle=True, seed=1)
+    it = iter(reader)
+    batches = [next(it) for _ in range(6)]
+    reader.close()
+    params = list(clt.parameters())
+    opt = make_adam(params, TrainConfig(lr=1e-6), "cpu")  # tiny steps: the regime stays put
+    state = {"i": 0}
+
+    def step(mode: str) -> tuple[float, float]:
+        x, y = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        clt.cfg.decode = mode
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = clt.training_forward(x, y, sparsity_coeff=float(cfg["sparsity_coeff"]))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        return time.perf_counter() - t, float(out.l0_per_layer.mean())
+
+    for mode in MODES:
+        step(mode)
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    l0s = []
+    for r in range(repeats):
+        for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            step(mode)
+            for _ in range(2):
+                sec, l0 = step(mode)
+                times[mode].append(sec)
+                l0s.append(l0)
+    med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
+    L, d, F = clt.cfg.n_layers, clt.cfg.d_in, clt.cfg.d_sae
+    return {"L": L, "d": d, "F": F, "B": B, "active_frac": sorted(l0s)[len(l0s) // 2] / F,
+            "step_s": med["auto"], "dense_step_s": med["dense"]}  # fmt: skip
+
+
 def rss_child(L: int, d: int, F: int, B: int, active: float, mode: str) -> dict:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     _, step = _setup(L, d, F, B, active)
@@ -137,8 +190,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--active", default="0.01,0.02,0.03", help="comma-separated fractions")
+    ap.add_argument("--demo", default="runs/demo",
+                    help="a `clt-lens demo` output folder: also time the step on its trained "
+                    "CLT and cached activations")  # fmt: skip
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child and args.child.startswith("trained:"):
+        print(json.dumps(trained_child(args.child.split(":", 1)[1], 4 if args.quick else 8)))
+        return
     if args.child:
         kind, name, *mode = args.child.split(":")
         shape = SHAPES[name]
@@ -172,6 +231,18 @@ def main() -> None:
                 f"{rss['auto']['peak_rss_mb']:.0f} / {rss['dense']['peak_rss_mb']:.0f}",
                 f"{t['params_plus_adam_mb']:.0f}",
             ])  # fmt: skip
+    trained = None
+    if (Path(args.demo) / "train" / "final" / "cfg.json").is_file():
+        trained = _child(["--child", f"trained:{args.demo}"] + (["--quick"] if args.quick else []))
+        speedup = trained["dense_step_s"] / trained["step_s"]
+        results.append({"shape": "demo-trained", **trained, "speedup_vs_dense": speedup})
+        rows.append(["demo, trained", f"{trained['L']}x{trained['d']}x{trained['F']} "
+                     f"B{trained['B']}", f"{trained['active_frac']:.2%}",
+                     f"{trained['B'] / trained['step_s']:.0f}",
+                     f"{trained['B'] / trained['dense_step_s']:.0f}", f"{speedup:.2f}x",
+                     "", "", "", "", "", ""])  # fmt: skip
+    else:
+        print(f"no trained demo CLT in {args.demo} (run `make demo`): only synthetic shapes timed")
     m = machine()
     print(f"machine: {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
           f"command: {m['command']}")
