@@ -167,6 +167,10 @@ SECTIONS = {"matmul": section_matmul, "step": section_step, "reader": section_re
             "demo": section_demo, "tests": section_tests}  # fmt: skip
 
 
+def _flops(x: float) -> str:
+    return f"{x / 1e12:.2f} TFLOP/s" if x >= 1e11 else f"{x / 1e9:.1f} GFLOP/s"
+
+
 def run_section(name: str, mode: str, *args) -> dict:
     spec = json.dumps({"name": name, "mode": mode, "args": args})
     t = time.perf_counter()
@@ -210,8 +214,8 @@ def main() -> int:
     res["matmul"] = run_section("matmul", mode)
     peak32 = res["matmul"].get("fp32_flops", 0)
     peak16 = res["matmul"].get("bf16_flops", peak32)
-    rows.append(["matmul peak", "fp32 / bf16", f"{peak32 / 1e12:.2f} / {peak16 / 1e12:.2f} "
-                 "TFLOP/s", "", "", ""])  # fmt: skip
+    rows.append(["matmul peak", "fp32 / bf16", f"{_flops(peak32)} / {_flops(peak16)}", "", "",
+                 ""])  # fmt: skip
     if "step" not in skip:
         for shape in cfg["shapes"]:
             for precision in cfg["precisions"]:
@@ -224,7 +228,7 @@ def main() -> int:
                         rows.append(["step", key, "", "", "", r["error"][:60]])
                         continue
                     rows.append(["step", key, f"{r['tokens_per_s']:,.0f} tok/s",
-                                 f"{r['needed_tflops']:.3f} TFLOP/s needed work "
+                                 f"{_flops(r['needed_tflops'] * 1e12)} on the work needed "
                                  f"({r['needed_tflops'] * 1e12 / max(peak, 1):.0%} of peak)",
                                  f"{r['peak_mem_mb']:,.0f} MB peak",
                                  f"{r['active_frac']:.2%} active"])  # fmt: skip
