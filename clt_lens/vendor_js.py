@@ -22,6 +22,8 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from clt_lens.errors import CLTLensError
+
 # Local file name -> (npm package@version, file inside the package tarball, sha256 of that file).
 SCRIPTS: dict[str, tuple[str, str, str]] = {
     "d3.min.js": ("d3@7.9.2", "package/dist/d3.min.js",
@@ -41,7 +43,7 @@ ENV_VAR = "CLT_LENS_VIEWER_JS"
 INSTALL_COMMAND = "clt-lens serve --install-js"
 
 
-class ScriptsError(ValueError):
+class ScriptsError(CLTLensError, ValueError):
     """A pinned script is missing, altered, or could not be fetched; the message says what to do."""
 
 

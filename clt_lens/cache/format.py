@@ -68,6 +68,7 @@ import zstandard
 from torch import Tensor
 
 from clt_lens.activations import HookSpec
+from clt_lens.errors import CLTLensError, InputError
 from clt_lens.fsutil import fsync_dir
 
 FORMAT_VERSION = 1
@@ -77,7 +78,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_KIND = "clt_lens.activation_cache"
 
 
-class CacheError(ValueError):
+class CacheError(CLTLensError, ValueError):
     """A cache (or one of its files) is missing, corrupt, too new, or not the one expected."""
 
 
@@ -178,7 +179,7 @@ def _decompress_exact(frame: memoryview, size: int) -> np.ndarray:
             got += n
         extra = reader.read(1)
     if got != size or extra:
-        raise ValueError(f"decompressed to {'more than ' if extra else ''}{got} bytes where "
+        raise InputError(f"decompressed to {'more than ' if extra else ''}{got} bytes where "
                          f"{size} were expected")
     return out
 
@@ -685,15 +686,15 @@ class ShardView:
             shape = tuple(int(s) for s in blob["shape"])
             lo, nb = int(blob["offset"]), int(blob["nbytes"])
             if str(dtype) not in _NP_DTYPES or lo < 0 or lo + nb > len(self.payload):
-                raise ValueError("bad dtype or out-of-range offset")
+                raise InputError("bad dtype or out-of-range offset")
             raw: Any = self.payload[lo : lo + nb]
             size = int(np.prod(shape)) * dtype.itemsize
             if blob["zstd"]:
                 raw = _decompress_exact(raw, size)
             elif len(raw) != size:
-                raise ValueError(f"{len(raw)} bytes where {size} were expected")
+                raise InputError(f"{len(raw)} bytes where {size} were expected")
             if blob["filter"] not in ("none", "byteplanes"):
-                raise ValueError(f"unknown filter {blob['filter']!r}")
+                raise InputError(f"unknown filter {blob['filter']!r}")
             if blob["filter"] == "byteplanes":
                 return from_byteplanes(np.frombuffer(raw, np.uint8), dtype, shape)
             return np.frombuffer(raw, dtype).reshape(shape)
@@ -856,7 +857,7 @@ class CacheManifest:
             for s in d["shards"]:
                 if not isinstance(s.file, str) or Path(s.file).name != s.file or \
                         s.file.startswith("."):
-                    raise ValueError(f"shard file {s.file!r} is not a plain file name")
+                    raise InputError(f"shard file {s.file!r} is not a plain file name")
             return cls(**d)
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"{source}: malformed manifest ({type(e).__name__}: {e})") from None

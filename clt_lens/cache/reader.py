@@ -51,6 +51,7 @@ from clt_lens.cache.format import (
     read_manifest,
     read_shard_file,
 )
+from clt_lens.errors import InputError
 
 STATE_VERSION = 1
 DEFAULT_BUFFER_BYTES = 256 * 2**20  # decoded x + y per shuffle window
@@ -153,11 +154,11 @@ class CacheReader:
         decode_threads: int = 1,
     ) -> None:
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise InputError(f"batch_size must be positive, got {batch_size}")
         if not (0 <= rank < world_size):
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
+            raise InputError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
         if prefetch < 1 or decode_threads < 1:
-            raise ValueError("prefetch and decode_threads must be >= 1")
+            raise InputError("prefetch and decode_threads must be >= 1")
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         if expected:

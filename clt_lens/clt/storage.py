@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from clt_lens.config import ConfigError
+from clt_lens.errors import InputError
 
 WEIGHTS_STEM = "sae_weights"
 OPTIMIZER_STEM = "optimizer"
@@ -118,7 +119,7 @@ def write_safetensors_streaming(
     offset = 0
     for spec in specs:
         if spec.dtype not in _DTYPES:
-            raise ValueError(f"{spec.name}: dtype {spec.dtype} cannot be written")
+            raise InputError(f"{spec.name}: dtype {spec.dtype} cannot be written")
         header[spec.name] = {"dtype": _DTYPES[spec.dtype], "shape": list(spec.shape),
                              "data_offsets": [offset, offset + spec.nbytes]}  # fmt: skip
         offset += spec.nbytes
@@ -134,14 +135,14 @@ def write_safetensors_streaming(
             written = 0
             for chunk in chunks(spec):
                 if chunk.dtype != spec.dtype:
-                    raise ValueError(f"{spec.name}: chunk dtype {chunk.dtype} != {spec.dtype}")
+                    raise InputError(f"{spec.name}: chunk dtype {chunk.dtype} != {spec.dtype}")
                 data = chunk.detach().to("cpu").contiguous()
                 if data.dtype == torch.bfloat16:  # numpy has no bf16: write its bit pattern
                     data = data.view(torch.int16)
                 f.write(memoryview(data.numpy()).cast("B"))
                 written += data.numel() * data.element_size()
             if written != spec.nbytes:
-                raise ValueError(f"{spec.name}: wrote {written} bytes, expected {spec.nbytes}")
+                raise InputError(f"{spec.name}: wrote {written} bytes, expected {spec.nbytes}")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

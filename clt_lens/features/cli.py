@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clt_lens.config import load_config
+from clt_lens.errors import InputError
 from clt_lens.features.stats import FeaturesConfig, run_features
 
 
@@ -55,7 +56,7 @@ def parse_dashboard_spec(spec: str) -> tuple[int, list[int]]:
             raise ValueError
         return int(layer), [int(f) for f in feats.split(",") if f.strip()]
     except ValueError:
-        raise ValueError(f"--dashboard {spec!r}: expected LAYER:F1,F2,... (e.g. 0:3,17)") from None
+        raise InputError(f"--dashboard {spec!r}: expected LAYER:F1,F2,... (e.g. 0:3,17)") from None
 
 
 def build_config(args: argparse.Namespace, extra: Sequence[str]) -> FeaturesConfig:

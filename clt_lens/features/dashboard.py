@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from clt_lens.errors import CLTLensError, InputError
 from clt_lens.features.dashboard_page import offline_page
 from clt_lens.features.token_text import token_text_fn
 from clt_lens.fsutil import atomic_write_text
@@ -41,7 +42,7 @@ INSTALL_HINT = (
 )
 
 
-class DashboardUnavailableError(ValueError):
+class DashboardUnavailableError(CLTLensError, ValueError):
     """sae-dashboard (an optional extra) is missing; the message says how to install it."""
 
 
@@ -78,14 +79,14 @@ def to_hooked_sae_transformer(model: Any) -> Any:
     if isinstance(model, HookedSAETransformer):
         return model
     if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer: SAE-Dashboard needs one to render tokens")
+        raise InputError("the model has no tokenizer: SAE-Dashboard needs one to render tokens")
     device = next(model.parameters()).device
     cfg = copy.deepcopy(model.cfg)
     hsae = HookedSAETransformer(cfg, tokenizer=model.tokenizer, move_to_device=False)
     missing, unexpected = hsae.load_state_dict(model.state_dict(), strict=False)
     # HookedSAETransformer adds no parameters; anything else means the models differ.
     if [k for k in missing if not k.endswith(("IGNORE", "mask"))] or unexpected:
-        raise ValueError(
+        raise InputError(
             f"cannot copy the model into a HookedSAETransformer: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
@@ -94,11 +95,11 @@ def to_hooked_sae_transformer(model: Any) -> Any:
 
 def _check_features(features: list[int], n_features: int) -> list[int]:
     if not features:
-        raise ValueError("features: give at least one feature index")
+        raise InputError("features: give at least one feature index")
     out = [int(f) for f in features]
     bad = [f for f in out if not 0 <= f < n_features]
     if bad:
-        raise ValueError(f"feature indices {bad} out of range [0, {n_features - 1}]")
+        raise InputError(f"feature indices {bad} out of range [0, {n_features - 1}]")
     return out
 
 
@@ -125,11 +126,11 @@ def write_dashboard(
     from clt_lens.features.stats import check_compatible
 
     if not 0 <= layer < clt.cfg.n_layers:
-        raise ValueError(f"layer {layer} out of range [0, {clt.cfg.n_layers - 1}]")
+        raise InputError(f"layer {layer} out of range [0, {clt.cfg.n_layers - 1}]")
     features = _check_features(features, clt.cfg.d_sae)
     check_compatible(clt, model)
     if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
+        raise InputError(
             f"tokens must be an integer tensor [batch, seq], got {tuple(tokens.shape)}"
         )
     scripts = require_dashboard_scripts(js_dir)
@@ -137,7 +138,7 @@ def write_dashboard(
     hook_point = transcoder.cfg.metadata.hook_name
     hsae = to_hooked_sae_transformer(model)
     if hook_point not in hsae.hook_dict:
-        raise ValueError(
+        raise InputError(
             f"SAE-Dashboard reads the CLT input at {hook_point!r}, which is not a TransformerLens "
             "hook point of this model (module hooks such as mlp.hook_in are not supported here)"
         )

@@ -19,6 +19,7 @@ import html
 import re
 from pathlib import Path
 
+from clt_lens.errors import CLTLensError
 from clt_lens.vendor_js import DASHBOARD_SCRIPTS, SCRIPTS, find_js_dir, install_hint, read_script
 
 # Script file name in sae-dashboard's page -> our pinned copy.
@@ -61,7 +62,7 @@ document.addEventListener("DOMContentLoaded", function () {
 """
 
 
-class OfflinePageError(ValueError):
+class OfflinePageError(CLTLensError, ValueError):
     """The page would need the network (an unknown remote script), or a script is missing."""
 
 

@@ -21,6 +21,7 @@ from clt_lens.clt.storage import (
     is_sharded,
     write_safetensors_streaming,
 )
+from clt_lens.errors import InputError
 from clt_lens.fsutil import fsync_dir
 from clt_lens.training import checkpoint as ckpt_io
 
@@ -68,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
-        raise ValueError(f"unexpected arguments {extra}")
+        raise InputError(f"unexpected arguments {extra}")
     src = ckpt_io.resolve_checkpoint(args.checkpoint)
     given = Path(args.checkpoint)
     if args.out:

@@ -24,6 +24,7 @@ from clt_lens.clt.storage import (
     write_shard_index,
 )
 from clt_lens.config import ConfigError
+from clt_lens.errors import CLTLensError
 from clt_lens.training import checkpoint as ckpt_io
 from clt_lens.training import rng
 from clt_lens.training.config import STRUCTURAL_KEYS, TrainConfig
@@ -34,7 +35,7 @@ from clt_lens.training.schedules import lr_factor, sparsity_coeff
 from clt_lens.training.sources import SourceInfo, make_source
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(CLTLensError, RuntimeError):
     """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
 
 
