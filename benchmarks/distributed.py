@@ -52,20 +52,14 @@ def child(spec: dict) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     import torch
 
-    from clt_lens.training import TrainConfig, Trainer
+    from clt_lens.training import CLTTrainingRunner, TrainConfig
     from clt_lens.training.sources import SyntheticSource
+    from clt_lens.training.trainer import Trainer
 
     out = Path(spec["out"])
     phases: dict[str, float] = {}
 
-    class Measured(Trainer):
-        def _setup_model(self):
-            phases["imports+setup"] = _status("VmHWM") / GB
-            _reset_peak()
-            super()._setup_model()
-            phases["init" if self._resume is None else "resume"] = _status("VmHWM") / GB
-            _reset_peak()
-
+    class MeasuredTrainer(Trainer):
         def save_checkpoint(self):
             phases["steps"] = max(phases.get("steps", 0), _status("VmHWM") / GB)
             _reset_peak()
@@ -79,6 +73,16 @@ def child(spec: dict) -> None:
             super()._write_final()
             phases["final"] = _status("VmHWM") / GB
 
+    class Measured(CLTTrainingRunner):
+        trainer_cls = MeasuredTrainer
+
+        def _setup_model(self):
+            phases["imports+setup"] = _status("VmHWM") / GB
+            _reset_peak()
+            super()._setup_model()
+            phases["init" if self._resume is None else "resume"] = _status("VmHWM") / GB
+            _reset_peak()
+
     L, d, F, B = spec["L"], spec["d"], spec["F"], spec["batch"]
     cfg = TrainConfig(d_sae=F, batch_size=B, n_steps=spec["steps"], eval_every=10**9,
                       log_every=1, normalization_tokens=B, progress=False, out_dir=str(out),
@@ -90,8 +94,9 @@ def child(spec: dict) -> None:
     resume = out if spec.get("resume") else None
     t = time.perf_counter()
     try:
-        tr = Measured(cfg, source=src, heldout=src.next(), resume=resume)
-        tr.train()
+        runner = Measured(cfg, override_source=src, override_heldout=src.next(), resume=resume)
+        runner.run()
+        tr = runner.trainer
     except (MemoryError, RuntimeError) as e:  # the capped run: record how it failed
         rank = int(os.environ.get("RANK", "0"))
         (out / f"rank{rank}_{spec['tag']}.json").write_text(json.dumps(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clt_lens.training import TrainConfig, Trainer
+from clt_lens.training import CLTTrainingRunner, TrainConfig
 from clt_lens.training.sources import SyntheticSource
 
 
@@ -26,7 +26,7 @@ def cfg(tmp: Path, **kw) -> TrainConfig:
 
 def run(c: TrainConfig, micro: int) -> torch.nn.Module:
     src = toy_source(micro)
-    return Trainer(c, source=src, heldout=toy_source(64).next()).train()
+    return CLTTrainingRunner(c, override_source=src, override_heldout=toy_source(64).next()).run()
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path: Path):
@@ -37,10 +37,12 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path: Path):
             a, b = super().next(), super().next()
             return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
 
-    big = Trainer(cfg(tmp_path / "a", dead_window_tokens=10**9),
-                  source=Pairs(32, 2, 16, context_size=16), heldout=toy_source(64).next()).train()
-    acc = Trainer(cfg(tmp_path / "b", grad_accum=2, dead_window_tokens=10**9),
-                  source=toy_source(32), heldout=toy_source(64).next()).train()
+    big = CLTTrainingRunner(cfg(tmp_path / "a", dead_window_tokens=10**9),
+                            override_source=Pairs(32, 2, 16, context_size=16),
+                            override_heldout=toy_source(64).next()).run()
+    acc = CLTTrainingRunner(cfg(tmp_path / "b", grad_accum=2, dead_window_tokens=10**9),
+                            override_source=toy_source(32),
+                            override_heldout=toy_source(64).next()).run()
     for (k, v), w in zip(big.state_dict().items(), acc.state_dict().values()):
         assert torch.allclose(v, w, atol=1e-5, rtol=1e-4), k
 

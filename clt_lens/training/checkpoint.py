@@ -54,6 +54,8 @@ DATA_STATE_FILE = "data_state.json"
 CONFIG_FILE = "train_config.json"
 LATEST_FILE = "LATEST"
 RANKS_DIR = "ranks"
+# data_state.json of a run whose data ranks read different data: one position per data rank
+PER_DATA_RANK = "per_data_rank"
 
 
 class CheckpointError(ShardError):

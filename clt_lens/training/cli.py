@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = load_config(TrainConfig, resolve_config_path(config), extra)
     runner = CLTTrainingRunner(cfg, resume=args.resume)
     runner.run()
-    if runner.trainer.par.is_main:
+    if runner.par.is_main:
         print(f"final checkpoint: {Path(cfg.out_dir) / 'final'}")
-    runner.trainer.par.shutdown()
+    runner.par.shutdown()
     return 0
