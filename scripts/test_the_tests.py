@@ -38,28 +38,28 @@ class Break:
 BREAKS: dict[str, Break] = {
     "resume_hint": Break(
         "exact resume: the sparse/dense decode hint is restored",
-        "clt_lens/training/trainer.py",
+        "clt_lens/training/runner.py",
         'self.clt._density_hint = rank_state.get("density_hint")',
         "self.clt._density_hint = None",
         ["tests/test_resume.py::test_sigkill_and_resume_is_bit_identical[sparse]"],
     ),
     "resume_feature_health": Break(
         "exact resume: dead-feature counters are restored",
-        "clt_lens/training/trainer.py",
-        "self.since_fired.copy_(since.to(self.device))",
+        "clt_lens/training/runner.py",
+        "self.state.since_fired.copy_(since.to(self.device))",
         "pass",
         ["tests/test_resume.py::test_sigkill_and_resume_is_bit_identical[dense]"],
     ),
     "resume_scaler": Break(
         "exact resume: the fp16 grad scaler is restored",
-        "clt_lens/training/trainer.py",
+        "clt_lens/training/runner.py",
         'if self.scaler is not None and st.get("scaler"):',
         "if False:",
         ["tests/test_resume.py::test_sigkill_and_resume_is_bit_identical[plt_fp16]"],
     ),
     "resume_topk_threshold": Break(
         "exact resume: BatchTopK's running threshold is restored with the weights",
-        "clt_lens/training/trainer.py",
+        "clt_lens/training/runner.py",
         "        for name, t in dest.items():\n            got = self._read_slice(",
         "        for name, t in dest.items():\n            if name == 'topk_threshold':\n"
         "                continue\n            got = self._read_slice(",
