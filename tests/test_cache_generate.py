@@ -16,7 +16,14 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from clt_lens.activations import HookSpec, collect_activations
-from clt_lens.cache import CacheConfig, CacheError, CacheReader, generate_cache, merge_cache
+from clt_lens.cache import (
+    CacheConfig,
+    CacheError,
+    CacheReader,
+    Store,
+    generate_cache,
+    merge_cache,
+)
 from clt_lens.cache import writer as cache_writer
 from clt_lens.cache.format import read_manifest, read_shard_file
 
@@ -115,13 +122,13 @@ def test_resume_after_full_disk(tmp_path, model, reference, monkeypatch):
     real = cache_writer.write_shard
     calls = {"n": 0}
 
-    def flaky(path, chunks):
+    def flaky(store, name, parts, **kw):
         calls["n"] += 1
         if calls["n"] == 3:  # dies half way through writing the third shard
-            with open(str(path) + ".tmp", "wb") as f:
-                f.write(b"".join(chunks)[:100])
+            with open(store.path(name) + ".123.tmp", "wb") as f:
+                f.write(b"".join(parts)[:100])
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, chunks)
+        return real(store, name, parts, **kw)
 
     monkeypatch.setattr(cache_writer, "write_shard", flaky)
     with pytest.raises(OSError, match="shard-00002.clts.*disk full.*resume") as e:
@@ -130,7 +137,8 @@ def test_resume_after_full_disk(tmp_path, model, reference, monkeypatch):
     # Consistent: the two finished shards are recorded and verify; no manifest claims more.
     record = json.loads((tmp_path / "jobs" / "job-0-of-1.json").read_text())
     assert sorted(record["shards"]) == ["0", "1"]
-    assert all(cache_writer.verified_entry(tmp_path, e) for e in record["shards"].values())
+    store = Store(tmp_path)
+    assert all(cache_writer.verified_entry(store, e) for e in record["shards"].values())
     assert not (tmp_path / "manifest.json").exists()
     with pytest.raises(CacheError, match="6 of 8 shards not finished"):
         merge_cache(tmp_path)
@@ -138,7 +146,8 @@ def test_resume_after_full_disk(tmp_path, model, reference, monkeypatch):
     monkeypatch.setattr(cache_writer, "write_shard", real)
     written = []
     monkeypatch.setattr(cache_writer, "write_shard",
-                        lambda p, c: (written.append(Path(p).name), real(p, c))[1])
+                        lambda st, name, parts, **kw: (written.append(name),
+                                                       real(st, name, parts, **kw))[1])
     generate_cache(config(tmp_path), model=model, token_source=make_source())
     assert written[0] == "shard-00002.clts" and len(written) == 6  # only the rest was redone
     assert not list(tmp_path.glob("*.tmp"))

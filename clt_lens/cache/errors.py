@@ -1,0 +1,11 @@
+"""Errors raised by the activation cache."""
+
+from __future__ import annotations
+
+
+class CacheError(ValueError):
+    """A cache (or one of its files) is missing, corrupt, too new, or not the one expected."""
+
+
+class CacheMismatchError(CacheError):
+    """The cache was built for another model / hooks / shape than the caller expects."""
