@@ -102,9 +102,9 @@ def measure(v: Tensor, approx: Tensor) -> tuple[float, Tensor]:
     if n == 0:
         return 0.0, torch.zeros(v.shape[1], dtype=torch.float64)
     err = approx - v
-    sse = (err * err).sum(0).double()
+    sse = torch.linalg.vecdot(err, err, dim=0).double()
     dev = v - v.mean(0)
-    den = (dev * dev).sum(0).double()
+    den = torch.linalg.vecdot(dev, dev, dim=0).double()
     safe = torch.where(den > 0, den, torch.ones_like(den))
     chan = torch.where(den > 0, sse / safe,
                        torch.where(sse > 0, torch.full_like(sse, math.inf), torch.zeros_like(sse)))
@@ -188,12 +188,14 @@ def reconstruct_and_measure(codec: Codec, enc: EncodedPair, ref: dict[str, Tenso
                             chunk_tokens: int) -> dict[str, dict[str, Any]]:
     """Decode ``enc`` chunk by chunk, as a reader will, and measure its error against ``ref``."""
     n, n_layers, d = ref["x"].shape
-    dec = {t: torch.empty(n, n_layers, d) for t in TENSORS}
-    decoder = codec.decoder({k: to_tensor(v) for k, v in enc.params.items()})
+    dev = ref["x"].device
+    dec = {t: torch.empty(n, n_layers, d, device=dev) for t in TENSORS}
+    decoder = codec.decoder({k: to_tensor(v).to(dev) for k, v in enc.params.items()})
     for lo, hi in chunk_bounds(n, chunk_tokens):
         arrays: dict[str, Tensor] = {}
         for name in enc.codes:
-            arrays.update({k: to_tensor(v) for k, v in split_chunk(enc, name, lo, hi).items()})
+            arrays.update({k: to_tensor(v).to(dev)
+                           for k, v in split_chunk(enc, name, lo, hi).items()})
         decoder.decode_chunk(arrays, dec["x"][lo:hi], dec["y"][lo:hi])
     meta: dict[str, dict[str, Any]] = {}
     for tname in TENSORS:
@@ -239,9 +241,9 @@ class FloatCodec(Codec):
         for layer in range(t.shape[1]):
             c = t[:, layer, :].to(self.storage).contiguous()
             if self.storage == torch.bfloat16:  # numpy has no bfloat16: store the bits
-                codes[f"{tname}/{layer}"] = c.view(torch.int16).numpy().view(np.uint16)
+                codes[f"{tname}/{layer}"] = c.view(torch.int16).cpu().numpy().view(np.uint16)
             else:
-                codes[f"{tname}/{layer}"] = c.numpy()
+                codes[f"{tname}/{layer}"] = c.cpu().numpy()
         return {}, codes
 
     def decoder(self, params: dict[str, Tensor]) -> Decoder:
@@ -283,16 +285,16 @@ class Int8Codec(Codec):
 
     def encode_tensor(self, tname: str, t: Tensor) -> tuple[dict, dict]:
         n, n_layers, d = t.shape
-        scales = torch.empty(n_layers, d, dtype=torch.float32)
+        scales = torch.empty(n_layers, d, dtype=torch.float32, device=t.device)
         codes = {}
         for layer in range(n_layers):
             v = t[:, layer, :]
-            amax = v.abs().amax(0) if n else torch.zeros(d)
+            amax = v.abs().amax(0) if n else torch.zeros(d, device=t.device)
             scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
             scales[layer] = scale
             q = torch.round(v / scale).clamp_(-127, 127).to(torch.int8)
-            codes[f"{tname}/{layer}"] = q.contiguous().numpy()
-        return {f"{tname}/scales": scales.numpy()}, codes
+            codes[f"{tname}/{layer}"] = q.contiguous().cpu().numpy()
+        return {f"{tname}/scales": scales.cpu().numpy()}, codes
 
     def encode_pair(self, x: Tensor, y: Tensor, chunk_tokens: int) -> EncodedPair:
         enc = super().encode_pair(x, y, chunk_tokens)
@@ -374,20 +376,20 @@ class ErrorBoundedCodec(Codec):
         else:
             k = k0.clone()
         lo_none, hi_none = -(2**62), 2**62
-        ok_k = torch.full((d,), lo_none, dtype=torch.int64)
-        bad_k = torch.full((d,), hi_none, dtype=torch.int64)
+        ok_k = torch.full((d,), lo_none, dtype=torch.int64, device=k.device)
+        bad_k = torch.full((d,), hi_none, dtype=torch.int64, device=k.device)
         done = ~live
+        rmax = resid.abs().amax(0) if resid.shape[0] else torch.zeros_like(var).float()
         for _ in range(40):
             step = torch.exp2(k.double() / _GRID).float()
             r = resid / step
-            q = torch.round(r)
-            e = q - r
-            fvu = (e * e).sum(0).double() * step.double() ** 2 / den
+            e = r - torch.round(r)
+            fvu = torch.linalg.vecdot(e, e, dim=0).double() * step.double() ** 2 / den
             ok = fvu <= limit
             upd = ~done
             ok_k = torch.where(ok & upd, torch.maximum(ok_k, k), ok_k)
             bad_k = torch.where(~ok & upd, torch.minimum(bad_k, k), bad_k)
-            zero = ok & ~(q != 0).any(0)  # all codes 0: a larger step changes nothing
+            zero = ok & (rmax < 0.5 * step)  # all codes 0: a larger step changes nothing
             have_ok, have_bad = ok_k > lo_none, bad_k < hi_none
             done = done | zero | (have_ok & have_bad & (bad_k - ok_k <= 1))
             if bool(done.all()):
@@ -454,21 +456,21 @@ class ErrorBoundedCodec(Codec):
         (the decoder applies the stored ones), a poorer fit only costs bits.
         """
         n, d = c.shape
-        coef = torch.zeros(_N_SOURCES, d)
+        coef = torch.zeros(_N_SOURCES, d, device=c.device)
         if not srcs or n < 2:
             return coef, mean.clone()
         means = [s.mean(0) for s in srcs]
         cs = [s - m for s, m in zip(srcs, means)]
         k = len(srcs)
         # Column-wise dot products (vecdot: one fused pass each; einsum here is 20x slower).
-        g = torch.empty(d, k, k, dtype=torch.float64)
-        r = torch.empty(d, k, dtype=torch.float64)
+        g = torch.empty(d, k, k, dtype=torch.float64, device=c.device)
+        r = torch.empty(d, k, dtype=torch.float64, device=c.device)
         for i in range(k):
             r[:, i] = torch.linalg.vecdot(cs[i], c, dim=0)
             for j in range(i, k):
                 g[:, i, j] = g[:, j, i] = torch.linalg.vecdot(cs[i], cs[j], dim=0)
         ridge = 1e-6 * g.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)
-        g = g + torch.eye(k, dtype=torch.float64) * ridge[:, None, None]
+        g = g + torch.eye(k, dtype=torch.float64, device=c.device) * ridge[:, None, None]
         sol = torch.linalg.solve(g, r.unsqueeze(-1)).squeeze(-1)  # [d, k]
         sol = torch.where(torch.isfinite(sol), sol, torch.zeros_like(sol))
         coef[:k] = sol.T.float()
@@ -481,11 +483,12 @@ class ErrorBoundedCodec(Codec):
 
     def encode_pair(self, x: Tensor, y: Tensor, chunk_tokens: int) -> EncodedPair:
         n, n_layers, d = x.shape
+        dev = x.device  # encodes where the activations are (a GPU during generation)
         tensors = {"x": x, "y": y}
-        dec = {k: torch.empty(n, n_layers, d) for k in TENSORS}
-        step = {k: torch.ones(n_layers, d) for k in TENSORS}
-        bias = {k: torch.zeros(n_layers, d) for k in TENSORS}
-        coef = {k: torch.zeros(n_layers, _N_SOURCES, d) for k in TENSORS}
+        dec = {k: torch.empty(n, n_layers, d, device=dev) for k in TENSORS}
+        step = {k: torch.ones(n_layers, d, device=dev) for k in TENSORS}
+        bias = {k: torch.zeros(n_layers, d, device=dev) for k in TENSORS}
+        coef = {k: torch.zeros(n_layers, _N_SOURCES, d, device=dev) for k in TENSORS}
         enc = EncodedPair({}, {}, quantised=True)
         meta = {k: {**new_meta(), "bits": [], "escapes": []} for k in TENSORS}
         bounds = chunk_bounds(n, chunk_tokens)
@@ -493,7 +496,7 @@ class ErrorBoundedCodec(Codec):
             for tname in TENSORS:
                 name = f"{tname}/{layer}"
                 v = tensors[tname][:, layer, :]
-                mean = v.mean(0) if n else torch.zeros(d)
+                mean = v.mean(0) if n else torch.zeros(d, device=dev)
                 c = v - mean
                 var = (c * c).sum(0).double() / max(n, 1)
                 live = var > 0
@@ -509,15 +512,15 @@ class ErrorBoundedCodec(Codec):
                 bias[tname][layer], coef[tname][layer] = b, cf
                 if self.allocation == "channel":
                     k = self._channel_steps(resid, var, n) if n else \
-                        torch.zeros(d, dtype=torch.int64)
+                        torch.zeros(d, dtype=torch.int64, device=dev)
                 else:
                     k0 = self._layer_step(resid, var, n) if n and bool(live.any()) else 0
-                    k = torch.full((d,), k0, dtype=torch.int64)
+                    k = torch.full((d,), k0, dtype=torch.int64, device=dev)
                 # Quantise, decode as a reader will, measure; where float32 rounding pushed a
                 # channel (or the layer) over the bound, take the next finer step and redo.
                 for _attempt in range(8):
                     st = torch.exp2(k.double() / _GRID).float()
-                    q = torch.round(resid / st) if n else torch.zeros(0, d)
+                    q = torch.round(resid / st) if n else torch.zeros(0, d, device=dev)
                     if q.numel() and float(q.abs().max()) >= 2**30:
                         raise CacheError("codec errbound: quantised values overflow 31 bits; "
                                          "raise target_fvu")
@@ -532,7 +535,7 @@ class ErrorBoundedCodec(Codec):
                                             f"{tname}/bias": bias[tname],
                                             f"{tname}/coef": coef[tname]}, self.predict)
                     for lo, hi in bounds:
-                        arrays = {kk: to_tensor(vv)
+                        arrays = {kk: to_tensor(vv).to(dev)
                                   for kk, vv in split_chunk(enc, name, lo, hi).items()}
                         dcd.decode_layer(tname, layer, arrays,
                                          {t: dec[t][lo:hi] for t in TENSORS})
@@ -551,10 +554,10 @@ class ErrorBoundedCodec(Codec):
                 meta[tname]["bits"].append(bits)
                 meta[tname]["escapes"].append(0 if esc is None else int(esc[0].size))
         for tname in TENSORS:
-            enc.params[f"{tname}/step"] = step[tname].numpy()
-            enc.params[f"{tname}/bias"] = bias[tname].numpy()
+            enc.params[f"{tname}/step"] = step[tname].cpu().numpy()
+            enc.params[f"{tname}/bias"] = bias[tname].cpu().numpy()
             if self.predict:
-                enc.params[f"{tname}/coef"] = coef[tname].numpy()
+                enc.params[f"{tname}/coef"] = coef[tname].cpu().numpy()
         enc.meta = meta
         return enc
 
@@ -578,9 +581,10 @@ def _store_codes(q: Tensor) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] |
         esc = None
         if n_big:
             idx = big.reshape(-1).nonzero().squeeze(1)
-            esc = (idx.numpy().astype(np.int64), q.reshape(-1)[idx].numpy().astype(np.int32))
-        return codes.numpy(), esc, 8
-    z = ((q << 1) ^ (q >> 31)).numpy().view(np.uint32)
+            esc = (idx.cpu().numpy().astype(np.int64),
+                   q.reshape(-1)[idx].cpu().numpy().astype(np.int32))
+        return codes.cpu().numpy(), esc, 8
+    z = ((q << 1) ^ (q >> 31)).cpu().numpy().view(np.uint32)
     top = int(z.max()) if z.size else 0
     width = np.uint16 if top < 2**16 else np.uint32
     return z.astype(width), None, np.dtype(width).itemsize * 8

@@ -220,8 +220,9 @@ def encode_shard(x: Tensor, y: Tensor, codec: Codec, info: dict[str, Any] | None
         chunk_tokens = auto_chunk_tokens(x.shape[1], x.shape[2])
     if not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
         raise CacheError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
-    x = x.detach().to("cpu", torch.float32)
-    y = y.detach().to("cpu", torch.float32)
+    # Encoding runs where the activations are (a GPU during generation); codes come back.
+    x = x.detach().to(torch.float32)
+    y = y.detach().to(x.device, torch.float32)
     n, n_layers, _ = x.shape
     enc = codec.encode_pair(x, y, chunk_tokens)
     pay = _Payload(codec.zstd_level, enc.quantised)
