@@ -31,7 +31,12 @@ REPEATS = {"demo": 12, "L12": 4}  # blocks per mode; short steps need more to se
 MODES = ("auto", "dense")  # "auto" = what training uses (sparse at these densities)
 
 
-def _setup(L: int, d: int, F: int, B: int, active: float):
+def _setup(L: int, d: int, F: int, B: int, active: float, sample=None):
+    """A CLT, its optimizer and ``step(mode, batch=None) -> (seconds, mean L0)``.
+
+    ``sample``: an ``(x, y)`` batch to calibrate on and train on by default (Gaussian if None);
+    ``step`` may be given another batch (e.g. one from a cache reader).
+    """
     import torch
 
     from clt_lens.clt import CLTConfig, CrossLayerTranscoder
@@ -40,8 +45,11 @@ def _setup(L: int, d: int, F: int, B: int, active: float):
 
     torch.manual_seed(0)
     clt = CrossLayerTranscoder(CLTConfig(d_in=d, d_sae=F, n_layers=L))
-    x = torch.randn(B, L, d)
-    y = torch.randn(B, L, d)
+    if sample is None:
+        x = torch.randn(B, L, d)
+        y = torch.randn(B, L, d)
+    else:
+        x, y = sample
     clt.estimate_normalization(x, y)
     with torch.no_grad():  # thresholds at the (1 - active) quantile of each feature's pre-acts
         pre = clt.preacts_lbf(clt.normalize_inputs(x))  # [L, B, F]
@@ -50,12 +58,13 @@ def _setup(L: int, d: int, F: int, B: int, active: float):
     params = list(clt.parameters())
     opt = make_adam(params, TrainConfig(lr=1e-4), "cpu")
 
-    def step(mode: str) -> tuple[float, float]:
+    def step(mode: str, batch=None) -> tuple[float, float]:
         """Seconds of one full step and the mean L0 per layer it saw."""
+        bx, by = (x, y) if batch is None else batch
         clt.cfg.decode = mode
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        out = clt.training_forward(x, y, sparsity_coeff=1e-4)
+        out = clt.training_forward(bx, by, sparsity_coeff=1e-4)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()

@@ -98,8 +98,23 @@ def test_content_equals_direct_collection(tmp_path, model):
 
 def test_default_codec_error_bound(reference):
     m = read_manifest(reference)
-    assert m.codec["name"] == "errbound"
+    assert m.codec["name"] == "errbound" and m.codec["allocation"] == "channel"
     assert max(m.max_fvu("x") + m.max_fvu("y")) <= 1e-3
+    chan = m.max_channel_fvu("x") + m.max_channel_fvu("y")
+    assert max(v for v, _ in chan) <= 1e-3 and m.worst_channel()["fvu"] == max(v for v, _ in chan)
+    stated = json.loads((reference / "manifest.json").read_text())
+    assert stated["error_bound"]["quantity"] == "channel_fvu"
+    assert stated["error_bound"]["max"] == 1e-3
+    assert stated["worst_channel"]["fvu"] <= 1e-3
+    # the bound holds on what a reader gets: every channel of every layer, measured here
+    x_ref, y_ref = collect_activations(tiny_model(), all_tokens()[:100], HookSpec(),
+                                       bos_token_id=BOS)
+    with CacheReader(reference, batch_size=1500, shuffle=False, loop=False) as r:
+        x, y = next(iter(r))
+    for got, ref in ((x, x_ref), (y, y_ref)):
+        err = (got - ref).double().pow(2).sum(0)
+        dev = (ref - ref.mean(0)).double().pow(2).sum(0)
+        assert float((err / dev).max()) <= 1e-3
 
 
 def test_split_jobs_then_merge_equal_single_job(tmp_path, model, reference):
@@ -232,6 +247,10 @@ def test_cli_inspect_and_merge(reference, capsys):
     assert main(["--inspect", str(reference)]) == 0
     out = capsys.readouterr().out
     assert "L=2 layers, d=32" in out and "1,500 in 8 shards" in out and "errbound" in out
+    worst = read_manifest(reference).worst_channel()
+    assert "channel_fvu <= 0.001" in out
+    assert (f"worst       channel {worst['channel']} of {worst['tensor']} layer "
+            f"{worst['layer']}: FVU {worst['fvu']:.3e}") in out
     assert main(["--merge", str(reference), "--verify"]) == 0
     assert "merged 8 shards" in capsys.readouterr().out
     from clt_lens.cli import main as clt_lens_main  # the `clt-lens cache` wiring
