@@ -12,9 +12,14 @@ embedded model (or any HookedTransformer) over its dataset and injects them:
 - massive channels: ``n_massive`` channel indices, the same in every layer and in x and y
   (massive activations live in fixed residual-stream dimensions), scaled by factors spread
   log-uniformly over ``massive_scale`` (default 30x to 300x);
-- heavy tails: every token's vector scaled by a log-normal factor (sigma 0.5: token norms vary),
-  and a fraction ``spike_rate`` of entries multiplied by 10x to 50x;
-- BOS: positions holding BOS, when kept (``include_bos``), scaled ``bos_scale`` (20x) more.
+- heavy tails: every token's vector scaled by a log-normal factor (sigma 0.5, within 1/4..4:
+  token norms vary), and a fraction ``spike_rate`` of the entries of ordinary channels
+  multiplied by 10x to 50x;
+- BOS: positions holding BOS, when kept (``include_bos``), scaled ``bos_scale`` (10x) as a
+  whole, massive channels included.
+
+The result stays within fp16's range, as real models' activations do (their largest massive
+activations are a few thousand).
 
 All of it is drawn from ``seed``, so the data are reproducible.
 """
@@ -39,7 +44,7 @@ def inject_lm_outliers(
     massive_scale: tuple[float, float] = (30.0, 300.0),
     token_sigma: float = 0.5,
     spike_rate: float = 1e-3,
-    bos_scale: float = 20.0,
+    bos_scale: float = 10.0,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Copies of ``x``, ``y`` ``[N, L, d]`` with massive channels, heavy tails and loud BOS rows."""
@@ -52,14 +57,19 @@ def inject_lm_outliers(
     lo, hi = math.log(massive_scale[0]), math.log(massive_scale[1])
     steps = torch.linspace(0, 1, max(n_massive, 2))[:n_massive]
     factors = torch.exp(lo + (hi - lo) * steps)
-    token = torch.exp(token_sigma * torch.randn(n, 1, 1, generator=g))
+    token = torch.exp(token_sigma * torch.randn(n, 1, 1, generator=g)).clamp(0.25, 4.0)
+    bos = is_bos if is_bos is not None else torch.zeros(n, dtype=torch.bool)
+    token[bos] = 1.0
+    ordinary = torch.ones(d, dtype=torch.bool)
+    ordinary[chans] = False
     for t in (x, y):
         t[:, :, chans] *= factors
         t *= token
         spikes = torch.rand(t.shape, generator=g) < spike_rate
+        spikes &= ordinary & ~bos[:, None, None]
         t[spikes] *= 10 + 40 * torch.rand(int(spikes.sum()), generator=g)
-        if is_bos is not None and bool(is_bos.any()):
-            t[is_bos] *= bos_scale
+        if bool(bos.any()):
+            t[bos] *= bos_scale
     return x, y
 
 
