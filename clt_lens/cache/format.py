@@ -76,17 +76,21 @@ SHARD_MAGIC = b"CLTSHARD"
 SHARD_SUFFIX = ".clts"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_KIND = "clt_lens.activation_cache"
-CHUNK_BYTES = 16 * 2**20  # decoded x + y per chunk, for the default chunk size
+CHUNK_LAYER_BYTES = 2**20  # float32 bytes of one (tensor, layer) slice of a chunk, by default
 
 
 def auto_chunk_tokens(n_layers: int, d_model: int) -> int:
-    """Default tokens per chunk: a power of two near 16 MiB of decoded x and y, in 128..4096.
+    """Default tokens per chunk: a power of two with ~1 MiB per (tensor, layer) slice, 128..4096.
 
-    Small enough that a shuffle window holds chunks of many shards, large enough that the
-    per-chunk overheads (a range read, a header lookup, Python calls per layer) stay small.
+    Decoding works a slice at a time (the codes, the slices it is predicted from, the output):
+    slices that stay in the CPU's cache decoded 1.5x faster than 4x larger ones on this
+    machine; much smaller chunks pay more per-chunk overhead (a range read, Python calls per
+    layer). Demo shape (d=128): 2048 tokens; d=256: 1024; d=2304: 128.
     """
-    per_token = max(1, n_layers * d_model * 4 * 2)
-    return int(min(4096, max(128, 2 ** math.floor(math.log2(max(1, CHUNK_BYTES // per_token))))))
+    del n_layers  # the slice, not the whole chunk, is what has to stay in cache
+    return int(min(4096, max(128, 2 ** math.floor(math.log2(max(1, CHUNK_LAYER_BYTES
+                                                                 // (4 * d_model)))))))
+
 
 __all__ = [
     "CODECS", "DEFAULT_CODEC", "FORMAT_VERSION", "MANIFEST_NAME", "SHARD_MAGIC", "SHARD_SUFFIX",

@@ -66,7 +66,7 @@ class CacheConfig:
     output_hook: str = "auto"
     n_tokens: int = 1_000_000  # activation tokens wanted in the cache
     shard_tokens: int = 16_384  # tokens per shard (rounded up to whole sequences)
-    # tokens per independently readable chunk; default: ~16 MiB decoded (128..4096 tokens)
+    # tokens per independently readable chunk; default: ~1 MiB per layer slice (128..4096)
     chunk_tokens: int | None = None
     batch_size: int = 32  # sequences per forward pass
     codec: str = DEFAULT_CODEC  # fp32 | fp16 | bf16 | int8 | errbound
