@@ -71,6 +71,8 @@ VARIANTS = [
     ("errbound", {"target_fvu": 1e-4}),
 ]
 SHAPES = {"demo": (4, 128, 1024, 1024), "L12": (12, 256, 2048, 512)}
+ALL_PARTS = {"codecs", "reader", "memory", "gpu"}
+RESULTS_FILE = Path(__file__).resolve().parent / "results" / "cache.json"
 
 
 def label(name: str, params: dict) -> str:
@@ -299,6 +301,11 @@ def gpu(path: Path, B: int, tokens: int) -> dict:
     return out
 
 
+def _load() -> list[str]:
+    p = Path("/proc/loadavg")
+    return p.read_text().split()[:3] if p.exists() else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=32768)
@@ -310,6 +317,7 @@ def main() -> None:
     if args.quick:
         args.tokens, args.repeats = 8192, 3
     parts = set(args.parts.split(","))
+    load0 = _load()
     from clt_lens.models import load_model, model_id
 
     model = load_model("embedded")  # no fallback: a benchmark of the wrong model is no result
@@ -346,11 +354,22 @@ def main() -> None:
             result["gpu"] = gpu(path, 1024, 4 * args.tokens)
             shutil.rmtree(path, ignore_errors=True)
     m = machine()
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
-    result["load_average"] = load
+    load = _load()
+    for part in ("codecs", "reader", "memory", "gpu"):
+        if part in result:
+            result.setdefault("conditions", {})[part] = {
+                "load_average_start": load0, "load_average_end": load, "command": m["command"]}
+    previous = RESULTS_FILE.is_file() and json.loads(RESULTS_FILE.read_text())
+    if previous and parts != ALL_PARTS:  # a partial run keeps the other parts' results
+        for part in ALL_PARTS - parts:
+            if part in previous:
+                result[part] = previous[part]
+                cond = previous.get("conditions", {}).get(part)
+                if cond:
+                    result.setdefault("conditions", {})[part] = cond
     result["peak_rss_MiB_this_process"] = resource.getrusage(
         resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load {load}; "
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load now {load}; "
           f"command: {m['command']}")
     print(f"data: {result['model']}, {args.tokens:,} tokens, L=4 d=128 (collection "
           f"{collect_s:.0f} s)\n")
