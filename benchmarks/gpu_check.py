@@ -130,7 +130,7 @@ def section_reader(cfg: dict, on_device: bool) -> dict:
         model = load_model("embedded", device=device)
         generate_cache(CacheConfig(out_dir=tmp, n_tokens=cfg["cache_tokens"], progress=False,
                                    device=device), model=model)  # fmt: skip
-        kw = {"decode_device": device} if on_device else {}
+        kw = {"decode_device": device if on_device else "cpu"}
         reader = CacheReader(tmp, batch_size=4096, device=device, loop=False, **kw)
         n, t = 0, time.perf_counter()
         for x, _y in reader:

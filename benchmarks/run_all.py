@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, list[str] | None] = {
     "train.py": ["--quick"],
     "clt_decode.py": ["--reps", "1", "--no-sweep"],
     "cache.py": ["--tokens", "8192", "--shard-tokens", "4096"],
+    "cache_fidelity.py": ["--tokens", "16384", "--steps", "20"],
     "features.py": ["--tokens", "10000", "--repeats", "1"],
     "attribution.py": ["--caps", "50", "--prompts", "1"],
     "distributed.py": ["--quick"],

@@ -32,9 +32,14 @@ MODES = ("auto", "dense")  # "auto" = what training uses (sparse at these densit
 
 
 def _setup(L: int, d: int, F: int, B: int, active: float, device: str = "cpu",
-           autocast: str = "none"):  # fmt: skip
-    """A CLT of this shape on ``device`` with thresholds giving ``active`` firing, and a function
-    running one whole training step (as the trainer does) in a decode mode."""
+           autocast: str = "none", sample=None):  # fmt: skip
+    """A CLT of this shape on ``device`` with thresholds giving ``active`` firing, its
+    optimizer, and ``step(mode, batch=None) -> (seconds, mean L0)`` running one whole training
+    step (as the trainer does) in a decode mode.
+
+    ``sample``: an ``(x, y)`` batch to calibrate on and train on by default (Gaussian if None);
+    ``step`` may be given another batch (e.g. one from a cache reader).
+    """
     import contextlib
 
     import torch
@@ -45,8 +50,11 @@ def _setup(L: int, d: int, F: int, B: int, active: float, device: str = "cpu",
 
     torch.manual_seed(0)
     clt = CrossLayerTranscoder(CLTConfig(d_in=d, d_sae=F, n_layers=L, device=device))
-    x = torch.randn(B, L, d, device=device)
-    y = torch.randn(B, L, d, device=device)
+    if sample is None:
+        x = torch.randn(B, L, d, device=device)
+        y = torch.randn(B, L, d, device=device)
+    else:
+        x, y = (t.to(device) for t in sample)
     clt.estimate_normalization(x, y)
     with torch.no_grad():  # thresholds at the (1 - active) quantile of each feature's pre-acts
         pre = clt.preacts_lbf(clt.normalize_inputs(x))  # [L, B, F]
@@ -58,8 +66,9 @@ def _setup(L: int, d: int, F: int, B: int, active: float, device: str = "cpu",
     cuda = torch.device(device).type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
 
-    def step(mode: str) -> tuple[float, float]:
+    def step(mode: str, batch=None) -> tuple[float, float]:
         """Seconds of one full step and the mean L0 per layer it saw."""
+        bx, by = (x, y) if batch is None else batch
         clt.cfg.decode = mode
         if cuda:
             torch.cuda.synchronize()
@@ -68,7 +77,7 @@ def _setup(L: int, d: int, F: int, B: int, active: float, device: str = "cpu",
         ctx = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype
                else contextlib.nullcontext())  # fmt: skip
         with ctx:
-            out = clt.training_forward(x, y, sparsity_coeff=1e-4)
+            out = clt.training_forward(bx, by, sparsity_coeff=1e-4)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
