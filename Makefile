@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
+	# d3/plotly/dagre/pako for pages that open offline (pinned, from npm; kept once present)
+	$(BIN)/clt-lens serve --install-js || echo "warning: page scripts not installed; the demo skips its dashboards"
 	$(BIN)/clt-lens demo
 
 test: $(STAMP)

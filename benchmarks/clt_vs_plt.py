@@ -111,7 +111,7 @@ def read_log(run_dir: Path) -> dict[str, Any]:
 
 
 def train_or_reuse(kind: str, coeff: float, root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from clt_lens.training import Trainer
+    from clt_lens.training import CLTTrainingRunner
 
     run_dir = root / f"{kind}_c{coeff:.4g}"
     cfg = train_config(kind, coeff, run_dir, args)
@@ -133,7 +133,7 @@ def train_or_reuse(kind: str, coeff: float, root: Path, args: argparse.Namespace
         print(f"[{kind}] training sparsity_coeff={coeff:.4g} for {args.steps} steps -> {run_dir}",
               flush=True)
         t0 = time.perf_counter()
-        Trainer(cfg).train()
+        CLTTrainingRunner(cfg).run()
         seconds = time.perf_counter() - t0
         (run_dir / "bench_seconds.json").write_text(json.dumps({"train_seconds": seconds}))
     if seconds is None and (run_dir / "bench_seconds.json").is_file():

@@ -52,19 +52,14 @@ def child(spec: dict) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     import torch
 
-    from clt_lens.training import TrainConfig, Trainer
+    from clt_lens.training import CLTTrainingRunner, TrainConfig
     from clt_lens.training.sources import SyntheticSource
+    from clt_lens.training.trainer import Trainer
 
     out = Path(spec["out"])
-    phases: dict[str, float] = {"import": _status("VmHWM") / GB}
+    phases: dict[str, float] = {}
 
-    class Measured(Trainer):
-        def _setup_model(self):
-            _reset_peak()
-            super()._setup_model()
-            phases["init" if self._resume is None else "resume"] = _status("VmHWM") / GB
-            _reset_peak()
-
+    class MeasuredTrainer(Trainer):
         def save_checkpoint(self):
             phases["steps"] = max(phases.get("steps", 0), _status("VmHWM") / GB)
             _reset_peak()
@@ -78,6 +73,16 @@ def child(spec: dict) -> None:
             super()._write_final()
             phases["final"] = _status("VmHWM") / GB
 
+    class Measured(CLTTrainingRunner):
+        trainer_cls = MeasuredTrainer
+
+        def _setup_model(self):
+            phases["imports+setup"] = _status("VmHWM") / GB
+            _reset_peak()
+            super()._setup_model()
+            phases["init" if self._resume is None else "resume"] = _status("VmHWM") / GB
+            _reset_peak()
+
     L, d, F, B = spec["L"], spec["d"], spec["F"], spec["batch"]
     cfg = TrainConfig(d_sae=F, batch_size=B, n_steps=spec["steps"], eval_every=10**9,
                       log_every=1, normalization_tokens=B, progress=False, out_dir=str(out),
@@ -89,8 +94,9 @@ def child(spec: dict) -> None:
     resume = out if spec.get("resume") else None
     t = time.perf_counter()
     try:
-        tr = Measured(cfg, source=src, heldout=src.next(), resume=resume)
-        tr.train()
+        runner = Measured(cfg, override_source=src, override_heldout=src.next(), resume=resume)
+        runner.run()
+        tr = runner.trainer
     except (MemoryError, RuntimeError) as e:  # the capped run: record how it failed
         rank = int(os.environ.get("RANK", "0"))
         (out / f"rank{rank}_{spec['tag']}.json").write_text(json.dumps(
@@ -160,10 +166,12 @@ def main() -> None:
             train, res = read(out, "train"), read(out, "resume")
             result["memory"][world] = {"train": train, "resume": res}
             for t, r in zip(train, res):
-                ph = {**t["phases_gb"], "resume": r["phases_gb"]["resume"]}
+                ph, rp = t["phases_gb"], r["phases_gb"]
+                after = max(rp.get(k, 0) for k in ("steps", "checkpoint", "final"))
                 rows.append([world, t["rank"], f"{t['param_gb'] + t['adam_gb']:.2f}",
                              *(f"{ph.get(k, 0):.2f}" for k in ("init", "steps", "checkpoint",
-                                                             "final", "resume")),
+                                                             "final")),
+                             f"{rp['resume']:.2f}", f"{after:.2f}",
                              f"{max(t['peak_gb'], r['peak_gb']):.2f}"])  # fmt: skip
             shutil.rmtree(out)
         one = max(max(t["peak_gb"], r["peak_gb"]) for t, r in zip(
@@ -173,7 +181,8 @@ def main() -> None:
               f"{shape['batch']}; fixed overhead (torch + clt_lens imported): "
               f"{result['overhead_gb']:.2f} GB")
         print_table(["world", "rank", "weights+Adam GB", "init", "steps", "checkpoint",
-                     "final/", "resume", "peak RSS GB"], rows)
+                     "final/", "resume (read)", "resumed: step+ckpt+final/", "peak RSS GB"],
+                    rows)  # fmt: skip
         for world in worlds[1:]:
             peaks = [max(t["peak_gb"], r["peak_gb"]) for t, r in zip(
                 result["memory"][world]["train"], result["memory"][world]["resume"])]

@@ -60,41 +60,43 @@ def plot_attribution(data: dict[str, Any]) -> Path:
     return _save(fig, "attribution", data)
 
 
-def _codec_label(c: dict[str, Any]) -> str:
-    label = c["codec"] + (f"+zstd{c['zstd_level']}" if c["zstd_level"] else "")
-    if c["codec"] == "errbound":
-        label += f" {c.get('allocation', '')}{' pred' if c.get('predict') else ''}"
-        label += f" {c.get('target_fvu', '')}"
-    return label
-
-
 def plot_cache(data: dict[str, Any]) -> Path:
-    """Size against quantisation error, and decode speed against size, per codec."""
+    """Size against the worst channel's quantisation error per codec and data set, and the
+    reader's speed against the real training step's."""
     plt = _pyplot()
-    codecs = data["codecs"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     floor = 1e-9  # lossless codecs have FVU 0: drawn at the floor of the log axis
-    for c in codecs:
-        label = _codec_label(c)
-        axes[0].scatter(max(c["max_fvu"], floor), c["ratio_vs_fp16"])
-        axes[0].annotate(label, (max(c["max_fvu"], floor), c["ratio_vs_fp16"]), fontsize=7,
-                         xytext=(3, 3), textcoords="offset points")  # fmt: skip
-        axes[1].scatter(c["ratio_vs_fp16"], c["reader_tok_s"])
-        axes[1].annotate(label, (c["ratio_vs_fp16"], c["reader_tok_s"]), fontsize=7,
-                         xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    markers = {"plain": "o", "outliers": "s", "outliers+BOS": "^"}
+    labels = list(dict.fromkeys(c["label"] for c in data.get("codecs", [])))
+    for c in data.get("codecs", []):
+        color = f"C{labels.index(c['label']) % 10}"
+        fvu = max(c["worst_channel_fvu"], floor)
+        axes[0].scatter(fvu, c["ratio_vs_fp16"], marker=markers.get(c["data"], "o"),
+                        color=color, label=c["label"] if c["data"] == "plain" else None)
+    for name, m in markers.items():
+        axes[0].scatter([], [], marker=m, color="0.4", label=f"data: {name}")
     axes[0].set_xscale("log")
     axes[0].axvline(1e-3, color="0.5", ls=":", lw=1)
-    axes[0].set_xlabel("worst per-layer quantisation FVU (lossless drawn at 1e-9)")
+    axes[0].axhline(3, color="0.5", ls=":", lw=1)
+    axes[0].set_xlabel("worst channel's quantisation FVU (lossless drawn at 1e-9)")
     axes[0].set_ylabel("compression vs fp16 (x)")
-    axes[0].set_title("cache size vs error")
-    trainer = data.get("trainer_standin", {}).get("tok_s")
-    if trainer:
-        axes[1].axhline(trainer, color="C3", ls="--", lw=1, label="trainer consumes (demo shape)")
-        axes[1].legend(fontsize=8)
+    axes[0].set_title("cache size vs error where a CLT reads it")
+    axes[0].legend(fontsize=7)
+    reader = data.get("reader", {})
+    keys = [("sparse", "sparse step"), ("dense", "dense step"), ("reader1", "reader, 1 thread"),
+            ("reader2", "reader, 2 threads")]
+    for i, (key, lab) in enumerate(keys):
+        xs = [j + 0.2 * i for j in range(len(reader))]
+        axes[1].bar(xs, [r["tok_s"][key] for r in reader.values()], width=0.2, label=lab,
+                    color=f"C{i}")
+    axes[1].set_xticks([j + 0.3 for j in range(len(reader))])
+    axes[1].set_xticklabels([f"{n}: L={r['shape']['L']} d={r['shape']['d']} "
+                             f"F={r['shape']['F']} B={r['shape']['B']}"
+                             for n, r in reader.items()], fontsize=8)
     axes[1].set_yscale("log")
-    axes[1].set_xlabel("compression vs fp16 (x)")
-    axes[1].set_ylabel("reader tokens/s (1 thread)")
-    axes[1].set_title("read speed vs size")
+    axes[1].set_ylabel("tokens/s")
+    axes[1].set_title("reader vs the real training step (CPU)")
+    axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
     return _save(fig, "cache", data)

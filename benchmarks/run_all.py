@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, list[str] | None] = {
     "train.py": ["--quick"],
     "clt_decode.py": ["--reps", "1", "--no-sweep"],
     "cache.py": ["--tokens", "8192", "--shard-tokens", "4096"],
+    "cache_fidelity.py": ["--tokens", "16384", "--steps", "20"],
     "features.py": ["--tokens", "10000", "--repeats", "1"],
     "attribution.py": ["--caps", "50", "--prompts", "1"],
     "distributed.py": ["--quick"],
@@ -35,6 +36,7 @@ BENCHMARKS: dict[str, list[str] | None] = {
                          "16384", "--eval-tokens", "1024", "--density-tokens", "4096",
                          "--out", "runs/bench_quick/dead_features", "--name",
                          "dead_features_quick"],
+    "gpu_check.py": ["--cpu-smoke"],  # without a GPU, the default run exits 2 and says why
 }
 NOT_BENCHMARKS = {"common.py", "plots.py", "run_all.py"}
 

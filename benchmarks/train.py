@@ -31,7 +31,17 @@ REPEATS = {"demo": 12, "L12": 4}  # blocks per mode; short steps need more to se
 MODES = ("auto", "dense")  # "auto" = what training uses (sparse at these densities)
 
 
-def _setup(L: int, d: int, F: int, B: int, active: float):
+def _setup(L: int, d: int, F: int, B: int, active: float, device: str = "cpu",
+           autocast: str = "none", sample=None):  # fmt: skip
+    """A CLT of this shape on ``device`` with thresholds giving ``active`` firing, its
+    optimizer, and ``step(mode, batch=None) -> (seconds, mean L0)`` running one whole training
+    step (as the trainer does) in a decode mode.
+
+    ``sample``: an ``(x, y)`` batch to calibrate on and train on by default (Gaussian if None);
+    ``step`` may be given another batch (e.g. one from a cache reader).
+    """
+    import contextlib
+
     import torch
 
     from clt_lens.clt import CLTConfig, CrossLayerTranscoder
@@ -39,30 +49,50 @@ def _setup(L: int, d: int, F: int, B: int, active: float):
     from clt_lens.training.trainer import make_adam
 
     torch.manual_seed(0)
-    clt = CrossLayerTranscoder(CLTConfig(d_in=d, d_sae=F, n_layers=L))
-    x = torch.randn(B, L, d)
-    y = torch.randn(B, L, d)
+    clt = CrossLayerTranscoder(CLTConfig(d_in=d, d_sae=F, n_layers=L, device=device))
+    if sample is None:
+        x = torch.randn(B, L, d, device=device)
+        y = torch.randn(B, L, d, device=device)
+    else:
+        x, y = (t.to(device) for t in sample)
     clt.estimate_normalization(x, y)
     with torch.no_grad():  # thresholds at the (1 - active) quantile of each feature's pre-acts
         pre = clt.preacts_lbf(clt.normalize_inputs(x))  # [L, B, F]
-        q = torch.quantile(pre, 1 - active, dim=1)
+        q = torch.quantile(pre.float().cpu(), 1 - active, dim=1).to(device)
         clt.log_threshold.copy_(q.clamp_min(1e-3).log())
+        del pre
     params = list(clt.parameters())
-    opt = make_adam(params, TrainConfig(lr=1e-4), "cpu")
+    opt = make_adam(params, TrainConfig(lr=1e-4), torch.device(device).type)
+    cuda = torch.device(device).type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
 
-    def step(mode: str) -> tuple[float, float]:
+    def step(mode: str, batch=None) -> tuple[float, float]:
         """Seconds of one full step and the mean L0 per layer it saw."""
+        bx, by = (x, y) if batch is None else batch
         clt.cfg.decode = mode
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        out = clt.training_forward(x, y, sparsity_coeff=1e-4)
+        ctx = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype
+               else contextlib.nullcontext())  # fmt: skip
+        with ctx:
+            out = clt.training_forward(bx, by, sparsity_coeff=1e-4)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
-        l0 = float(out.l0_per_layer.mean())
+        l0 = float(out.l0_per_layer.mean())  # a sync on CUDA: the step is done
         return time.perf_counter() - t, l0
 
     return clt, step
+
+
+def work_flops(L: int, d: int, F: int, B: int, l0: float) -> tuple[float, float]:
+    """FLOPs of one step: (the work needed: encoder forward + backward and decoding of the
+    active features only, the same with every feature decoded densely)."""
+    pairs = L * (L + 1) // 2
+    enc = 3 * 2 * B * d * F * L  # forward + two backward matmuls
+    return enc + 3 * 2 * (B * L * l0) * d * (L + 1) / 2, enc + 3 * 2 * B * F * d * pairs
 
 
 def time_child(L: int, d: int, F: int, B: int, active: float, repeats: int) -> dict:
@@ -85,19 +115,69 @@ def time_child(L: int, d: int, F: int, B: int, active: float, repeats: int) -> d
     med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
     l0 = sorted(l0s)[len(l0s) // 2]
     n_params = sum(p.numel() for p in clt.parameters())
-    pairs = L * (L + 1) // 2
-    enc_flops = 3 * 2 * B * d * F * L  # forward + two backward matmuls
-    dense_dec = 3 * 2 * B * F * d * pairs
-    sparse_dec = 3 * 2 * (B * L * l0) * d * (L + 1) / 2  # active features x their targets
+    needed, dense = work_flops(L, d, F, B, l0)
     return {
         "L": L, "d": d, "F": F, "B": B, "active_frac": l0 / F, "params": n_params,
         "step_s": med["auto"], "dense_step_s": med["dense"],
         "step_s_all": times["auto"], "dense_step_s_all": times["dense"],
-        "flops_needed": enc_flops + sparse_dec, "flops_dense": enc_flops + dense_dec,
+        "flops_needed": needed, "flops_dense": dense,
         "params_plus_adam_mb": n_params * 4 * 4 / 2**20,  # weights, grads, two Adam moments
         "matmul_peak_flops": sorted(peaks)[-1],
         "matmul_peak_flops_all": peaks,
     }  # fmt: skip
+
+
+def trained_child(demo: str, repeats: int) -> dict:
+    """Our step against dense decoding on the demo's trained CLT and its cached activations
+    (the regime the README's demo trains in), interleaved in one process as above."""
+    import torch
+    from sae_lens import SAE
+
+    import clt_lens  # noqa: F401  (registers the architecture)
+    from clt_lens.cache import CacheReader
+    from clt_lens.training.config import TrainConfig
+    from clt_lens.training.trainer import make_adam
+
+    run = Path(demo) / "train" / "final"
+    cfg = json.loads((run / "train_config.json").read_text())
+    clt = SAE.load_from_disk(str(run))
+    clt.train()
+    B = int(cfg["batch_size"])
+    reader = CacheReader(Path(demo) / "cache", batch_size=B, shuffle=True, seed=1)
+    it = iter(reader)
+    batches = [next(it) for _ in range(6)]
+    reader.close()
+    params = list(clt.parameters())
+    opt = make_adam(params, TrainConfig(lr=1e-6), "cpu")  # tiny steps: the regime stays put
+    state = {"i": 0}
+
+    def step(mode: str) -> tuple[float, float]:
+        x, y = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        clt.cfg.decode = mode
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = clt.training_forward(x, y, sparsity_coeff=float(cfg["sparsity_coeff"]))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        return time.perf_counter() - t, float(out.l0_per_layer.mean())
+
+    for mode in MODES:
+        step(mode)
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    l0s = []
+    for r in range(repeats):
+        for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            step(mode)
+            for _ in range(2):
+                sec, l0 = step(mode)
+                times[mode].append(sec)
+                l0s.append(l0)
+    med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
+    L, d, F = clt.cfg.n_layers, clt.cfg.d_in, clt.cfg.d_sae
+    return {"L": L, "d": d, "F": F, "B": B, "active_frac": sorted(l0s)[len(l0s) // 2] / F,
+            "step_s": med["auto"], "dense_step_s": med["dense"]}  # fmt: skip
 
 
 def rss_child(L: int, d: int, F: int, B: int, active: float, mode: str) -> dict:
@@ -119,8 +199,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--active", default="0.01,0.02,0.03", help="comma-separated fractions")
+    ap.add_argument("--demo", default="runs/demo",
+                    help="a `clt-lens demo` output folder: also time the step on its trained "
+                    "CLT and cached activations")  # fmt: skip
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child and args.child.startswith("trained:"):
+        print(json.dumps(trained_child(args.child.split(":", 1)[1], 4 if args.quick else 8)))
+        return
     if args.child:
         kind, name, *mode = args.child.split(":")
         shape = SHAPES[name]
@@ -154,6 +240,18 @@ def main() -> None:
                 f"{rss['auto']['peak_rss_mb']:.0f} / {rss['dense']['peak_rss_mb']:.0f}",
                 f"{t['params_plus_adam_mb']:.0f}",
             ])  # fmt: skip
+    trained = None
+    if (Path(args.demo) / "train" / "final" / "cfg.json").is_file():
+        trained = _child(["--child", f"trained:{args.demo}"] + (["--quick"] if args.quick else []))
+        speedup = trained["dense_step_s"] / trained["step_s"]
+        results.append({"shape": "demo-trained", **trained, "speedup_vs_dense": speedup})
+        rows.append(["demo, trained", f"{trained['L']}x{trained['d']}x{trained['F']} "
+                     f"B{trained['B']}", f"{trained['active_frac']:.2%}",
+                     f"{trained['B'] / trained['step_s']:.0f}",
+                     f"{trained['B'] / trained['dense_step_s']:.0f}", f"{speedup:.2f}x",
+                     "", "", "", "", "", ""])  # fmt: skip
+    else:
+        print(f"no trained demo CLT in {args.demo} (run `make demo`): only synthetic shapes timed")
     m = machine()
     print(f"machine: {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
           f"command: {m['command']}")

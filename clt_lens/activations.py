@@ -33,11 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from clt_lens.errors import CLTLensError, InputError
+
 # circuit-tracer's ReplacementMLP hook names, emulated with module hooks on a plain model.
 MODULE_HOOKS = ("mlp.hook_in", "mlp.hook_out")
 
 
-class HookError(ValueError):
+class HookError(CLTLensError, ValueError):
     """A hook name does not exist in the model or does not carry [batch, pos, d_model]."""
 
 
@@ -197,9 +199,9 @@ def collect_activations(
     ``bos_token_id`` no position is treated as BOS. Outputs live on the model's device.
     """
     if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        raise InputError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     if tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"tokens must be an integer tensor, got {tokens.dtype}")
+        raise InputError(f"tokens must be an integer tensor, got {tokens.dtype}")
     validate_hooks(model, hooks)
     n_layers, d = model.cfg.n_layers, model.cfg.d_model
     device = next(model.parameters()).device
@@ -239,7 +241,7 @@ def stream_activations(
     last (leftovers are carried into the next forward pass's tokens, order preserved).
     """
     if batch_tokens is not None and batch_tokens <= 0:
-        raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+        raise InputError(f"batch_tokens must be positive, got {batch_tokens}")
     carry_x: list[Tensor] = []
     carry_y: list[Tensor] = []
     carried = 0

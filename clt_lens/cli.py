@@ -13,6 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from clt_lens.errors import CLTLensError
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("clt_lens.demo", "run the whole path on the embedded default model"),
@@ -70,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv[1:])
     try:
         code = module.run(args, extra)
-    except (ValueError, FileNotFoundError) as e:
-        # Our errors are ValueError subclasses that name the bad input; a traceback adds
-        # nothing for a user, so print the message (CLT_LENS_DEBUG=1 shows the traceback).
+    except CLTLensError as e:
+        # our errors name the bad input; a traceback adds nothing for a user, so print the
+        # message (CLT_LENS_DEBUG=1 shows the traceback). Anything else is a bug: traceback.
         if os.environ.get("CLT_LENS_DEBUG"):
             raise
         print(f"clt-lens {name}: {type(e).__name__}: {e}", file=sys.stderr)

@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from clt_lens.errors import CLTLensError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(CLTLensError, ValueError):
     """A config is wrong; the message names the key and what is accepted."""
 
 

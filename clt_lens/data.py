@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from clt_lens.errors import CLTLensError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -55,7 +57,7 @@ ACCEPTED_KINDS = (
 )
 
 
-class DataLoadError(ValueError):
+class DataLoadError(CLTLensError, ValueError):
     """A dataset could not be turned into token sequences; the message says why and what works."""
 
 

@@ -1,16 +1,19 @@
 """``clt-lens demo``: the whole path on the embedded default model.
 
-cache -> train -> evaluation table -> feature statistics and exports -> (autointerp when an
-API is configured) -> circuit-tracer set -> attribution graph -> viewer files -> index.html.
-Each stage calls the same public function as its own subcommand; the demo only picks small
-sizes and puts everything under one directory.
+cache -> train -> evaluation table -> feature statistics -> (autointerp when an API is
+configured) -> SAE-Dashboard pages and Neuronpedia export -> circuit-tracer set -> attribution
+graph -> viewer files -> index.html (``demo_index``). Each stage calls the same public function
+as its own subcommand; the demo only picks small sizes and puts everything under one directory.
+
+Dashboards and autointerp cover the same features (the ``FEATURES_PER_LAYER`` most frequent of
+each layer), so the index's feature browser can show an explanation next to each dashboard.
+Without sae-dashboard or the pinned page scripts (``clt-lens serve --install-js``) the demo
+says so at the start, skips the dashboards, and the index tells how to get them.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
-import json
 import os
 import shutil
 import time
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 SAMPLE_PROMPT = "ROMEO: But soft, what light through yonder window"
+FEATURES_PER_LAYER = 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +56,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from clt_lens.circuits.attribution import attribute_prompt
     from clt_lens.circuits.export import write_circuit_tracer_set
     from clt_lens.config import load_config
+    from clt_lens.demo_index import write_index
     from clt_lens.evals import evaluate, markdown_table
     from clt_lens.features import (
         compute_feature_stats,
@@ -66,6 +71,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    no_dashboards = _dashboards_unavailable()
+    if no_dashboards:
+        print(f"note: the SAE-Dashboard pages will be skipped. {no_dashboards}", flush=True)
     st = _Stages()
     model = load_model("embedded", device=args.device)
 
@@ -100,8 +108,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     features_dir = out / "features"
     compute_feature_stats(final, model=model, n_tokens=args.feature_tokens,
                           out_dir=features_dir, device=args.device)
-    dashboards = _dashboards(final, model, features_dir, out / "dashboards")
-    autointerp = _maybe_autointerp(features_dir)
+    chosen = _choose_features(features_dir)
+    autointerp = _maybe_autointerp(features_dir, chosen)
+    dashboards: dict[int, Path] = {}
+    if no_dashboards:
+        print(f"   dashboards skipped: {no_dashboards}")
+    else:
+        dashboards = _dashboards(final, model, chosen, out / "dashboards")
     write_dashboard_batches(features_dir)
     np_export = write_neuronpedia_export(features_dir)
     st.done()
@@ -122,14 +135,20 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     st.start("7/7 index")
     _write_viewer_help(out)
-    index = _write_index(out, result, graph, dashboards, np_export, autointerp, st.times)
+    index = write_index(out, result=result, graph=graph, dashboards=dashboards,
+                        dashboard_note=no_dashboards, features_dir=features_dir, chosen=chosen,
+                        np_export=np_export, ct_dir=ct_dir, checkpoint=final,
+                        autointerp=autointerp, times=st.times)
     st.done()
     total = time.perf_counter() - st.t0
     print(f"\nall done in {total / 60:.1f} min. Everything is under {out}/:")
     for label, path in [
-        ("index", index), ("training curves", out / "train" / "training_curves.png"),
+        ("index (open in a browser)", index),
+        ("training curves", out / "train" / "training_curves.png"),
         ("checkpoint (SAELens folder)", final), ("evaluation", out / "eval" / "eval.json"),
-        ("features", features_dir), ("Neuronpedia export", np_export),
+        ("features", features_dir),
+        *([("dashboards (SAE-Dashboard)", out / "dashboards")] if dashboards else []),
+        ("Neuronpedia export", np_export),
         ("circuit-tracer set", ct_dir), ("graph", graph.json_path),
     ]:
         print(f"  {label:<28} {path}")
@@ -138,36 +157,64 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _dashboards(final: Path, model: Any, features_dir: Path, out: Path) -> list[Path]:
-    """SAE-Dashboard HTML for the most active features of each layer (if the extra is there)."""
-    from clt_lens.data import load_tokens
-    from clt_lens.features import DashboardUnavailableError, iter_features, write_dashboard
-    from clt_lens.features.stats import load_clt
+def _dashboards_unavailable() -> str | None:
+    """Why no dashboard can be written here (with how to fix it), or None."""
+    from clt_lens.features.dashboard import (
+        DashboardUnavailableError,
+        require_dashboard_scripts,
+        require_sae_dashboard,
+    )
 
     try:
-        import sae_dashboard  # noqa: F401
-    except ImportError:
-        print("   sae-dashboard not installed: skipping HTML dashboards (make install adds it)")
-        return []
+        require_sae_dashboard()
+        require_dashboard_scripts()
+    except DashboardUnavailableError as e:
+        return str(e)
+    return None
+
+
+def _choose_features(features_dir: Path) -> dict[int, list[dict[str, Any]]]:
+    """The records of the FEATURES_PER_LAYER features of each layer that fire most often
+    (dead ones never)."""
+    import heapq
+
+    from clt_lens.features import iter_features, read_manifest
+
+    chosen = {}
+    for layer in read_manifest(features_dir)["layers"]:
+        # nlargest keeps only the winners' records in memory, not the whole layer's
+        top = heapq.nlargest(FEATURES_PER_LAYER, (r for r in iter_features(features_dir, layer)
+                                                  if r["frac_nonzero"] > 0),
+                             key=lambda r: r["frac_nonzero"])
+        if top:
+            chosen[layer] = top
+    return chosen
+
+
+def _dashboards(final: Path, model: Any, chosen: dict[int, list[dict[str, Any]]],
+                out: Path) -> dict[int, Path]:
+    """One SAE-Dashboard page per layer for the chosen features."""
+    import torch
+
+    from clt_lens.data import load_tokens
+    from clt_lens.features import write_dashboard
+    from clt_lens.features.stats import load_clt
+
     clt = load_clt(final)
     tokens = load_tokens("embedded", tokenizer=model.tokenizer, context_size=model.cfg.n_ctx,
                          split="heldout", max_tokens=32 * model.cfg.n_ctx, shuffle=False)
-    paths = []
-    for layer in range(clt.cfg.n_layers):
-        feats = sorted(iter_features(features_dir, layer), key=lambda r: -r["frac_nonzero"])
-        chosen = [r["index"] for r in feats if r["frac_nonzero"] > 0][:3]
-        if not chosen:
-            continue
-        try:
-            paths.append(write_dashboard(clt, layer, chosen, model=model, tokens=tokens,
-                                         out_html=out / f"layer_{layer}.html"))
-        except DashboardUnavailableError as e:
-            print(f"   {e}")
-            return paths
-    return paths
+    pages = {}
+    for layer, records in chosen.items():
+        with torch.no_grad():
+            pages[layer] = write_dashboard(clt, layer, [r["index"] for r in records],
+                                           model=model, tokens=tokens,
+                                           out_html=out / f"layer_{layer}.html")
+        print(f"   {pages[layer]}")
+    return pages
 
 
-def _maybe_autointerp(features_dir: Path) -> dict[str, Any] | None:
+def _maybe_autointerp(features_dir: Path,
+                      chosen: dict[int, list[dict[str, Any]]]) -> dict[str, Any] | None:
     if not (os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL")):
         print("   autointerp skipped: set OPENAI_API_KEY (and OPENAI_BASE_URL for a local server)"
               " and CLT_LENS_AUTOINTERP_MODEL to explain features")
@@ -175,7 +222,8 @@ def _maybe_autointerp(features_dir: Path) -> dict[str, Any] | None:
     from clt_lens.autointerp import run_autointerp
 
     model = os.environ.get("CLT_LENS_AUTOINTERP_MODEL", "gpt-4o-mini")
-    return run_autointerp(features_dir, model=model, max_features=16)
+    pairs = [(layer, r["index"]) for layer, records in chosen.items() for r in records]
+    return run_autointerp(features_dir, model=model, features=pairs)
 
 
 # -- viewer instructions (the same page `clt-lens serve` has at /help.html) ------------------
@@ -187,39 +235,4 @@ def _write_viewer_help(out: Path) -> Path:
 
     path = out / VIEWER_HELP
     shutil.copyfile(ASSETS_DIR / "help.html", path)
-    return path
-
-
-def _write_index(out: Path, result: dict, graph: Any, dashboards: list[Path], np_export: Path,
-                 autointerp: dict | None, times: dict[str, float]) -> Path:
-    from clt_lens.evals import markdown_table
-
-    def link(p: Path, text: str) -> str:
-        return f'<a href="{html.escape(os.path.relpath(p, out))}">{html.escape(text)}</a>'
-
-    r = result["replacement"]
-    rows = "".join(f"<li>{html.escape(k)}: {v:.0f} s</li>" for k, v in times.items())
-    dash = "".join(f"<li>{link(p, p.name)}</li>" for p in dashboards) or "<li>(none)</li>"
-    interp = (f"<p>autointerp: {html.escape(json.dumps(autointerp)[:400])}</p>"
-              if autointerp else "<p>autointerp: not configured</p>")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>clt_lens demo</title>
-<style>body{{font-family:sans-serif;max-width:980px;margin:2em auto}}img{{max-width:100%}}
-pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>
-<h1>clt_lens demo: a CLT on the embedded model</h1>
-<p>CE recovered {r['ce_recovered']:.1%}, KL {r['kl']:.4f}, top-1 agreement
-{r['top1_agreement']:.1%}; mean explained variance {result['mean']['explained_variance']:.3f}
-at mean L0 {result['mean']['l0']:.1f}.</p>
-<h2>Training</h2><img src="train/training_curves.png">
-<h2>Evaluation</h2><pre>{html.escape(markdown_table(result))}</pre>
-<img src="eval/eval_layers.png"><img src="eval/density.png">
-<h2>Feature dashboards (SAE-Dashboard)</h2><ul>{dash}</ul>
-<p>Neuronpedia export: {link(np_export, str(np_export.relative_to(out)))}</p>{interp}
-<h2>Attribution graph</h2><p>prompt: <code>{html.escape(graph.prompt)}</code>;
-{graph.n_nodes} nodes, {graph.n_edges} edges; {link(graph.json_path, graph.json_path.name)}.
-Open it in the viewer with <code>clt-lens serve {html.escape(str(out / 'graphs'))}</code>.</p>
-<p>{link(out / VIEWER_HELP, "How to use the viewer")}: reading the graph, supernodes, and
-testing it with interventions and steering.</p>
-<h2>Stage times</h2><ul>{rows}</ul></body></html>"""
-    path = out / "index.html"
-    path.write_text(page)
     return path

@@ -40,6 +40,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained import weight_conversions as wc
 
 from clt_lens.activations import HookSpec
+from clt_lens.errors import CLTLensError
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded"
 EMBEDDED_NAME = "embedded"
@@ -79,7 +80,7 @@ _RUNTIME_FIELDS = frozenset(
 _MAX_CTX = 2048
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(CLTLensError, ValueError):
     """The model could not be loaded; the message names the input and what is accepted."""
 
 

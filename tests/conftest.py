@@ -14,6 +14,16 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# Computation tests take the ``device`` fixture: they run on every device this machine has
+# (the CPU, and CUDA where present). GPU-only tests carry the ``gpu`` marker.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def embedded_model():
     from clt_lens.models import load_model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ from clt_lens.cache.format import (
     FORMAT_VERSION,
     SHARD_MAGIC,
     CacheError,
+    ShardView,
     encode_shard,
     make_codec,
+    parse_header,
     parse_shard,
     read_shard_file,
     sha256_hex,
@@ -32,10 +35,12 @@ def activations(n=3000, layers=3, d=48, seed=0) -> torch.Tensor:
     return t
 
 
-def roundtrip(codec_name: str, t: torch.Tensor, y: torch.Tensor | None = None, **params):
+def roundtrip(codec_name: str, t: torch.Tensor, y: torch.Tensor | None = None,
+              chunk_tokens: int | None = None, **params):
     """Encode (x=t, y=-t unless given), decode; -> (bytes, view, x, y)."""
     codec = make_codec(codec_name, **params)
-    data = b"".join(encode_shard(t, -t if y is None else y, codec, {"shard": 0}))
+    data = b"".join(encode_shard(t, -t if y is None else y, codec, {"shard": 0},
+                                 chunk_tokens=chunk_tokens))
     view = parse_shard(data, "mem")
     x, y = view.decode()
     return data, view, x, y
@@ -81,40 +86,100 @@ def test_int8_error_within_half_step_per_layer_channel():
     assert view.array("x/scales").shape == (3, 48)
 
 
-@pytest.mark.parametrize("allocation,predict", [("layer", False), ("channel", False),
-                                                ("layer", True)])
+def channel_fvu(ref: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    """Independent reference, per channel of a [N, d] block (0 for exact constant channels)."""
+    ref = ref.double()
+    err = ((approx.double() - ref) ** 2).sum(0)
+    dev = ((ref - ref.mean(0)) ** 2).sum(0)
+    zero_var = torch.where(err > 0, math.inf, 0.0).double()
+    return torch.where(dev > 0, err / dev.clamp_min(1e-300), zero_var)
+
+
+@pytest.mark.parametrize("allocation,predict", [("layer", False), ("layer", True),
+                                                ("channel", False), ("channel", True)])
 @pytest.mark.parametrize("target", [1e-2, 1e-3, 1e-4])
-def test_errbound_meets_target_fvu_on_every_layer(allocation, predict, target):
+def test_errbound_meets_target_fvu(allocation, predict, target):
     t = activations(n=2000)
     t2 = activations(n=2000, seed=1)
     _, view, x, y = roundtrip("errbound", t, t2, target_fvu=target, allocation=allocation,
-                              predict=predict)
+                              predict=predict, chunk_tokens=512)
+    meta = view.header["tensors"]["x"]
     for layer in range(3):
         got = fvu(t[:, layer], x[:, layer])
-        assert got <= target
-        assert got > target / 4  # the budget is used, not wasted on precision
-        assert got == pytest.approx(view.header["tensors"]["x"]["fvu"][layer], rel=1e-4)
-        assert fvu(t2[:, layer], y[:, layer]) <= target
-    if target <= 1e-3:
-        assert 16 in view.header["tensors"]["x"]["bits"]  # the outlier needs 16-bit codes
+        chan = channel_fvu(t[:, layer], x[:, layer])
+        assert got <= target and fvu(t2[:, layer], y[:, layer]) <= target
+        assert got == pytest.approx(meta["fvu"][layer], rel=1e-4)
+        assert float(chan.max()) == pytest.approx(meta["chan_fvu_max"][layer], rel=1e-4)
+        assert int(chan.argmax()) == meta["chan_fvu_argmax"][layer]
+        if allocation == "channel":
+            assert float(chan.max()) <= target
+            assert float(chan[chan > 0].median()) > target / 4  # each channel uses its budget
+        else:
+            assert got > target / 4  # the budget is used, not wasted on precision
+    if target == 1e-3:  # the 400.0 outlier is beyond int8 codes: stored as an escape
+        assert meta["escapes"][2] >= 1 and meta["bits"][2] == 8
     assert torch.all(x[:, 1, 5] == 2.5)  # constant channel exact
 
 
-def test_errbound_prediction_uses_correlated_layers():
-    g = torch.Generator().manual_seed(4)
-    base = torch.randn(4000, 1, 64, generator=g)
-    t = base + 0.3 * torch.randn(4000, 3, 64, generator=g)  # layers share most of their signal
-    plain, _, xp, _ = roundtrip("errbound", t, predict=False)
-    pred, view, x, _ = roundtrip("errbound", t, predict=True)
-    assert len(pred) < 0.85 * len(plain)
-    coef = view.array("x/coef")  # [L, sources, d]: x_l from x_{l-1} and y_{l-1}
-    assert coef.shape == (3, 2, 64) and float(abs(coef[0]).max()) == 0
-    # y = -x here: predicted from the decoded x of the same layer, it costs almost nothing
-    ysize = sum(b["nbytes"] for b in view.header["blobs"] if b["name"].startswith("y/"))
-    assert ysize < 0.2 * len(pred)
-    assert float(view.array("y/coef")[:, 0].mean()) == pytest.approx(-1, abs=0.01)
+def test_tight_target_uses_wide_codes():
+    t = activations(n=1000)
+    _, view, x, _ = roundtrip("errbound", t, target_fvu=1e-7, predict=False)
+    assert 16 in view.header["tensors"]["x"]["bits"]  # too many escapes: zigzag 16-bit codes
     for layer in range(3):
-        assert fvu(t[:, layer], x[:, layer]) <= 1e-3
+        assert float(channel_fvu(t[:, layer], x[:, layer]).max()) <= 1e-7
+
+
+@pytest.fixture(scope="module")
+def lm_like(embedded_model):
+    """Real embedded-model activations with massive channels, heavy tails (no BOS rows)."""
+    from clt_lens.cache.lm_stats import lm_like_activations
+
+    x, y, _ = lm_like_activations(2048, model=embedded_model)
+    return x, y
+
+
+def test_channel_bound_holds_next_to_massive_channels(lm_like):
+    """The default bounds every channel: with channels 30-300x the others, the layer bound
+    leaves the ordinary channels quantised to noise; the channel bound does not, at >= 3x
+    smaller than fp16."""
+    from clt_lens.cache.lm_stats import massive_channels
+
+    x, y = lm_like
+    n, n_layers, d = x.shape
+    big = massive_channels(d)
+    assert float(x[:, 0, big].std(0).min()) > 20 * float(x[:, 0].std(0).median())
+    data, view, xd, yd = roundtrip("errbound", x, y)  # the default codec
+    assert view.header["codec"]["allocation"] == "channel"
+    for layer in range(n_layers):
+        for ref, got in ((x, xd), (y, yd)):
+            assert float(channel_fvu(ref[:, layer], got[:, layer]).max()) <= 1e-3
+    assert x.numel() * 2 * 2 / len(data) >= 3.0  # vs fp16
+    _, _, xl, _ = roundtrip("errbound", x, y, allocation="layer")
+    ordinary = [c for c in range(d) if c not in big]
+    worst = max(float(channel_fvu(x[:, layer], xl[:, layer])[ordinary].median())
+                for layer in range(n_layers))
+    assert worst > 1e-2  # what the issue saw: the layer bound holds, ordinary channels do not
+    assert max(view.header["tensors"]["x"]["fvu"]) <= 1e-3
+
+
+def test_chunk_decodes_alone_and_is_checked():
+    t = activations(n=1000)
+    data = b"".join(encode_shard(t, -t, make_codec("errbound"), chunk_tokens=128))
+    whole = parse_shard(data, "mem")
+    x, y = whole.decode()
+    assert whole.n_chunks == 8 and whole.chunk_info(7)["n_tokens"] == 1000 - 7 * 128
+    header, hn = parse_header(data[:4096 * 4], "mem")  # a header-only view, as a reader has
+    view = ShardView(header, None, "mem", hn)
+    info = view.chunk_info(3)
+    region = bytearray(data[hn + info["offset"] : hn + info["offset"] + info["nbytes"]])
+    p = view.params_info()
+    dec = view.decoder("cpu", data[hn + p["offset"] : hn + p["offset"] + p["nbytes"]])
+    ox, oy = torch.empty(128, 3, 48), torch.empty(128, 3, 48)
+    view.decode_chunk_into(dec, view.chunk(3, region), ox, oy)
+    assert torch.equal(ox, x[384:512]) and torch.equal(oy, y[384:512])
+    region[len(region) // 2] ^= 0x01
+    with pytest.raises(CacheError, match="sha256 of chunk 3"):
+        view.chunk(3, region)
 
 
 def test_errbound_beats_int8_size_on_gaussian_data():

@@ -16,7 +16,14 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from clt_lens.activations import HookSpec, collect_activations
-from clt_lens.cache import CacheConfig, CacheError, CacheReader, generate_cache, merge_cache
+from clt_lens.cache import (
+    CacheConfig,
+    CacheError,
+    CacheReader,
+    Store,
+    generate_cache,
+    merge_cache,
+)
 from clt_lens.cache import writer as cache_writer
 from clt_lens.cache.format import read_manifest, read_shard_file
 
@@ -91,8 +98,23 @@ def test_content_equals_direct_collection(tmp_path, model):
 
 def test_default_codec_error_bound(reference):
     m = read_manifest(reference)
-    assert m.codec["name"] == "errbound"
+    assert m.codec["name"] == "errbound" and m.codec["allocation"] == "channel"
     assert max(m.max_fvu("x") + m.max_fvu("y")) <= 1e-3
+    chan = m.max_channel_fvu("x") + m.max_channel_fvu("y")
+    assert max(v for v, _ in chan) <= 1e-3 and m.worst_channel()["fvu"] == max(v for v, _ in chan)
+    stated = json.loads((reference / "manifest.json").read_text())
+    assert stated["error_bound"]["quantity"] == "channel_fvu"
+    assert stated["error_bound"]["max"] == 1e-3
+    assert stated["worst_channel"]["fvu"] <= 1e-3
+    # the bound holds on what a reader gets: every channel of every layer, measured here
+    x_ref, y_ref = collect_activations(tiny_model(), all_tokens()[:100], HookSpec(),
+                                       bos_token_id=BOS)
+    with CacheReader(reference, batch_size=1500, shuffle=False, loop=False) as r:
+        x, y = next(iter(r))
+    for got, ref in ((x, x_ref), (y, y_ref)):
+        err = (got - ref).double().pow(2).sum(0)
+        dev = (ref - ref.mean(0)).double().pow(2).sum(0)
+        assert float((err / dev).max()) <= 1e-3
 
 
 def test_split_jobs_then_merge_equal_single_job(tmp_path, model, reference):
@@ -115,13 +137,13 @@ def test_resume_after_full_disk(tmp_path, model, reference, monkeypatch):
     real = cache_writer.write_shard
     calls = {"n": 0}
 
-    def flaky(path, chunks):
+    def flaky(store, name, parts, **kw):
         calls["n"] += 1
         if calls["n"] == 3:  # dies half way through writing the third shard
-            with open(str(path) + ".tmp", "wb") as f:
-                f.write(b"".join(chunks)[:100])
+            with open(store.path(name) + ".123.tmp", "wb") as f:
+                f.write(b"".join(parts)[:100])
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, chunks)
+        return real(store, name, parts, **kw)
 
     monkeypatch.setattr(cache_writer, "write_shard", flaky)
     with pytest.raises(OSError, match="shard-00002.clts.*disk full.*resume") as e:
@@ -130,7 +152,8 @@ def test_resume_after_full_disk(tmp_path, model, reference, monkeypatch):
     # Consistent: the two finished shards are recorded and verify; no manifest claims more.
     record = json.loads((tmp_path / "jobs" / "job-0-of-1.json").read_text())
     assert sorted(record["shards"]) == ["0", "1"]
-    assert all(cache_writer.verified_entry(tmp_path, e) for e in record["shards"].values())
+    store = Store(tmp_path)
+    assert all(cache_writer.verified_entry(store, e) for e in record["shards"].values())
     assert not (tmp_path / "manifest.json").exists()
     with pytest.raises(CacheError, match="6 of 8 shards not finished"):
         merge_cache(tmp_path)
@@ -138,7 +161,8 @@ def test_resume_after_full_disk(tmp_path, model, reference, monkeypatch):
     monkeypatch.setattr(cache_writer, "write_shard", real)
     written = []
     monkeypatch.setattr(cache_writer, "write_shard",
-                        lambda p, c: (written.append(Path(p).name), real(p, c))[1])
+                        lambda st, name, parts, **kw: (written.append(name),
+                                                       real(st, name, parts, **kw))[1])
     generate_cache(config(tmp_path), model=model, token_source=make_source())
     assert written[0] == "shard-00002.clts" and len(written) == 6  # only the rest was redone
     assert not list(tmp_path.glob("*.tmp"))
@@ -223,6 +247,10 @@ def test_cli_inspect_and_merge(reference, capsys):
     assert main(["--inspect", str(reference)]) == 0
     out = capsys.readouterr().out
     assert "L=2 layers, d=32" in out and "1,500 in 8 shards" in out and "errbound" in out
+    worst = read_manifest(reference).worst_channel()
+    assert "channel_fvu <= 0.001" in out
+    assert (f"worst       channel {worst['channel']} of {worst['tensor']} layer "
+            f"{worst['layer']}: FVU {worst['fvu']:.3e}") in out
     assert main(["--merge", str(reference), "--verify"]) == 0
     assert "merged 8 shards" in capsys.readouterr().out
     from clt_lens.cli import main as clt_lens_main  # the `clt-lens cache` wiring

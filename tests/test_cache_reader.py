@@ -19,7 +19,7 @@ from clt_lens.cache import (
     generate_cache,
     inspect,
 )
-from clt_lens.cache.format import FORMAT_VERSION, read_manifest
+from clt_lens.cache.format import FORMAT_VERSION, make_codec, read_manifest
 
 CTX = 12
 
@@ -231,3 +231,181 @@ def test_too_few_shards_for_ranks(cache):
 def test_inspect_summary(cache):
     text = inspect(cache)
     assert "1,100 in 10 shards" in text and "fp32" in text and "L=2 layers, d=16" in text
+
+
+# ---- format 1, mixing, threads and decode device, memory, fsspec ------------------------------
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_format1_cache_reads_as_before(tmp_path):
+    """A cache written by the format-1 code (before chunks) decodes to what that code decoded
+    and is visited in the same order, so a run resumed across the upgrade continues exactly."""
+    from safetensors.torch import load_file
+
+    ref = load_file(DATA / "cache_v1_decoded.safetensors")
+    cache = tmp_path / "v1"
+    shutil.copytree(DATA / "cache_v1", cache)
+    with CacheReader(cache, batch_size=1000, shuffle=False, loop=False) as r:
+        x, y = next(iter(r))
+    assert torch.allclose(x, ref["x"], rtol=0, atol=1e-5)
+    assert torch.allclose(y, ref["y"], rtol=0, atol=1e-5)
+    with CacheReader(cache, batch_size=64, seed=3, buffer_tokens=150) as r:
+        got = torch.cat([b[0] for b in read(r, 6)])
+        assert r.state_dict()["epoch"] == 1 and r.state_dict()["offset"] == 84
+    assert torch.allclose(got, ref["shuffled_x"], rtol=0, atol=1e-5)
+    assert "format-1" in inspect(cache)
+
+
+def tagged(n_shards: int, per_shard: int, L: int = 2, d: int = 16, seed: int = 0):
+    """Activations whose x[:, 0, 0] is the index of the shard they will be written to."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_shards * per_shard, L, d, generator=g)
+    x[:, 0, 0] = torch.arange(n_shards).repeat_interleave(per_shard).float()
+    return x, x.flip(-1).contiguous()
+
+
+def test_batches_mix_many_shards(tmp_path):
+    """Shards larger than the shuffle buffer: a window takes chunks of many shards, so each
+    batch draws from many shards (not from the one or two that fit in the buffer)."""
+    from clt_lens.cache import write_cache
+
+    x, y = tagged(16, 512)
+    write_cache(tmp_path / "c", x, y, codec="fp32", shard_tokens=512, chunk_tokens=64)
+    with CacheReader(tmp_path / "c", batch_size=128, buffer_tokens=512, seed=2,
+                     loop=False) as r:
+        assert r.group_shards == 8
+        assert all(len(w) == 8 for w in r.window_shards(0))  # 8 chunks of 8 shards each
+        per_batch = [len(set(b[0][:, 0, 0].long().tolist())) for b in read(r)]
+        assert len(per_batch) == 64 and min(per_batch) >= 7
+        assert sum(per_batch) / len(per_batch) > 7.5
+        rows = sorted(b for b in x[:, 0, 0].tolist())
+    with CacheReader(tmp_path / "c", batch_size=8192, shuffle=False, loop=False) as r:
+        assert sorted(next(iter(r))[0][:, 0, 0].tolist()) == rows  # still every token once
+
+
+def test_threads_and_decode_device_do_not_change_batches(tmp_path):
+    """Decoding on several threads, or dequantising on an explicit device (here the CPU, with
+    the code a GPU runs: codes in, float32 window on that device), gives the same batches."""
+    from clt_lens.cache import write_cache
+    from clt_lens.cache.lm_stats import inject_lm_outliers
+
+    x, y = tagged(6, 700, L=3, d=32)
+    x, y = inject_lm_outliers(x, y, n_massive=2)
+    write_cache(tmp_path / "c", x, y, shard_tokens=700, chunk_tokens=128)
+    outs = []
+    for kw in ({"decode_threads": 1}, {"decode_threads": 3},
+               {"decode_threads": 2, "decode_device": "cpu"}):
+        with CacheReader(tmp_path / "c", batch_size=300, buffer_tokens=1000, seed=4,
+                         **kw) as r:
+            outs.append([b for b in read(r, 20)])
+            stats = r.stats()
+        assert stats["tokens_decoded"] >= 6000 and stats["bytes_read"] > 0
+    for other in outs[1:]:
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                   for a, b in zip(outs[0], other))
+
+
+# The child imports the cache subpackage alone (the package's __init__ loads SAELens, seconds
+# of start-up that say nothing about the reader).
+RSS_CHILD = """
+import json, sys, threading, time, types, torch
+pkg = types.ModuleType("clt_lens")
+pkg.__path__ = [sys.argv[2]]
+sys.modules["clt_lens"] = pkg
+from clt_lens.cache import CacheReader
+torch.zeros(1) + 1
+def status_kb(key):
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith(key))
+try:  # Linux: reset the peak (VmHWM) to the current resident set
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    sampled = None
+except OSError:  # else sample the resident set
+    sampled = [0]
+    def sample():
+        while sampled is not None and sampled[0] >= 0:
+            sampled[0] = max(sampled[0], status_kb("VmRSS:"))
+            time.sleep(0.002)
+    threading.Thread(target=sample, daemon=True).start()
+before = status_kb("VmRSS:")
+with CacheReader(sys.argv[1], batch_size=512, buffer_tokens=int(sys.argv[3]), loop=False,
+                 decode_threads=2) as r:
+    n = sum(len(b[0]) for b in r)
+peak = status_kb("VmHWM:") if sampled is None else max(sampled[0], status_kb("VmRSS:"))
+print(json.dumps({"tokens": n, "before_kb": before, "peak_kb": peak}))
+"""
+
+
+def test_resident_memory_bounded_by_the_buffer(tmp_path):
+    """Reading a cache 48x larger than the shuffle buffer, of shards 8x larger: the process's
+    peak RSS (measured in a child) grows by a small multiple of the buffer, not with the cache
+    or the shards."""
+    import subprocess
+    import sys
+
+    from clt_lens.cache.format import CacheManifest, encode_shard, write_manifest
+    from clt_lens.cache.storage import Store
+    from clt_lens.cache.writer import shard_name, write_shard
+
+    n, L, d = 16384, 4, 128  # shards of 64 MiB decoded, 8x the window
+    x = torch.randn(n, L, d, generator=torch.Generator().manual_seed(0))
+    parts = encode_shard(x, x.flip(-1), make_codec("int8"), chunk_tokens=1024)
+    store = Store(tmp_path / "big")
+    store.makedirs()
+    entries = [write_shard(store, shard_name(k), parts) for k in range(6)]  # 98k tokens
+    write_manifest(store, CacheManifest(
+        model_id="m", model_name="m", hooks=HookSpec(), n_layers=L, d_model=d, context_size=0,
+        dataset="d", split="train", seed=0, codec=make_codec("int8").config(), shards=entries,
+        config_hash="rss"))
+    decoded_mb = 6 * n * L * d * 4 * 2 / 2**20  # 384 MiB of float32 x and y
+    window_mb = 2048 * L * d * 4 * 2 / 2**20  # 8 MiB
+    import clt_lens
+
+    r = subprocess.run([sys.executable, "-c", RSS_CHILD, str(tmp_path / "big"),
+                        clt_lens.__path__[0], "2048"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["tokens"] == 6 * n
+    # peak resident set while reading minus the resident set before the reader existed: two
+    # windows (16 MiB) plus thread and allocator slack (seen: 57-100 MiB); a reader that held
+    # a whole shard per window went to ~180 MiB, one that held the cache to ~830 MiB
+    growth_mb = (out["peak_kb"] - out["before_kb"]) / 1024
+    assert growth_mb < 16 * window_mb, (growth_mb, decoded_mb)
+
+
+def test_fsspec_memory_and_local_urls(tmp_path, model):
+    """A cache generated to and read from fsspec URLs (memory://, file://) is byte-identical
+    to a local one, and a corrupted chunk in the object store is caught by its checksum."""
+    import fsspec
+
+    from clt_lens.cache import Store, merge_cache
+
+    cfg = dict(n_tokens=330, shard_tokens=110, codec="errbound", chunk_tokens=32,
+               bos_token_id=0, progress=False)
+    src = lambda c, m, ctx, chunk: iter(tokens(40).split(7))  # noqa: E731
+    local = tmp_path / "local"
+    generate_cache(CacheConfig(out_dir=str(local), **cfg), model=model, token_source=src)
+    ref = read_manifest(local)
+    for url in ("memory://clt-test/cache", f"file://{tmp_path}/viafsspec"):
+        m = generate_cache(CacheConfig(out_dir=url, **cfg), model=model, token_source=src)
+        assert [s.sha256 for s in m.shards] == [s.sha256 for s in ref.shards]
+        assert merge_cache(url, verify=True).n_tokens == ref.n_tokens
+        assert "330 in 3 shards" in inspect(url)
+        with CacheReader(url, batch_size=100, seed=1) as r, \
+                CacheReader(local, batch_size=100, seed=1) as r_local:
+            for (a, b), (c, d) in zip(read(r, 5), read(r_local, 5)):
+                assert torch.equal(a, c) and torch.equal(b, d)
+    fs = fsspec.filesystem("memory")
+    path = "/clt-test/cache/" + ref.shards[1].file
+    data = bytearray(fs.cat_file(path))
+    data[-10] ^= 0x01  # inside the last chunk
+    fs.pipe_file(path, bytes(data))
+    with pytest.raises(CacheError, match="shard memory://clt-test/cache/shard-00001.clts: sha256 "
+                                         "of chunk"):
+        with CacheReader("memory://clt-test/cache", batch_size=400, shuffle=False) as r:
+            read(r, 1)
+    fs.rm("/clt-test", recursive=True)
+    assert Store("memory://clt-test/none").sizes() == {}

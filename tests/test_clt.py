@@ -24,7 +24,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWa
 L, D, F = 3, 16, 48
 
 
-def make_clt(seed: int = 0, dtype: str = "float32", **kw) -> CrossLayerTranscoder:
+def make_clt(seed: int = 0, dtype: str = "float32", device: str = "cpu",
+             **kw) -> CrossLayerTranscoder:  # fmt: skip
     """A CLT with non-trivial scales, biases, skip and thresholds (so every term matters)."""
     torch.manual_seed(seed)
     fields = dict(d_in=D, d_sae=F, n_layers=L, dtype=dtype)
@@ -42,14 +43,15 @@ def make_clt(seed: int = 0, dtype: str = "float32", **kw) -> CrossLayerTranscode
             clt.log_threshold.copy_(torch.empty(L, F).uniform_(0.02, 0.3).log())
         if clt.cfg.activation == "batchtopk":
             clt.topk_threshold.copy_(torch.tensor([0.1, 0.2, 0.15]))
-    return clt
+    return clt.to(device)  # built on the CPU: the same numbers on every device
 
 
-def acts_data(n: int = 40, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+def acts_data(n: int = 40, seed: int = 1, dtype=torch.float32, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, L, D, generator=g, dtype=dtype) * torch.tensor([1.0, 3.0, 0.5]).view(
+    x = torch.randn(n, L, D, generator=g, dtype=dtype) * torch.tensor([1.0, 3.0, 0.5]).view(
         1, L, 1
     ).to(dtype)
+    return x.to(device)
 
 
 def reference_forward(clt: CrossLayerTranscoder, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -213,9 +215,9 @@ def test_register_refuses_a_foreign_class():
 
 # ---- forward against an independent reference -----------------------------------------------
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
-def test_forward_matches_loop_reference(variant):
-    clt = make_clt(dtype="float64", **variant)
-    x = acts_data(12, dtype=torch.float64)
+def test_forward_matches_loop_reference(variant, device):
+    clt = make_clt(dtype="float64", device=device, **variant)
+    x = acts_data(12, dtype=torch.float64, device=device)
     with torch.no_grad():
         ref_acts, ref_out = reference_forward(clt, x)
         torch.testing.assert_close(clt.encode(x), ref_acts)
@@ -265,10 +267,12 @@ def test_plt_equals_independent_transcoders():
 
 # ---- losses ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("penalty", ["tanh", "l1"])
-def test_loss_terms_match_hand_computation(penalty):
-    clt = make_clt(dtype="float64", sparsity_penalty=penalty, tanh_scale=3.0, skip=True)
-    x, y = acts_data(30, dtype=torch.float64), acts_data(30, seed=3, dtype=torch.float64)
-    dead = torch.zeros(L, F, dtype=torch.bool)
+def test_loss_terms_match_hand_computation(penalty, device):
+    clt = make_clt(dtype="float64", sparsity_penalty=penalty, tanh_scale=3.0, skip=True,
+                   device=device)  # fmt: skip
+    x = acts_data(30, dtype=torch.float64, device=device)
+    y = acts_data(30, seed=3, dtype=torch.float64, device=device)
+    dead = torch.zeros(L, F, dtype=torch.bool, device=device)
     dead[:, ::5] = True
     out = clt.training_forward(x, y, sparsity_coeff=0.1, preact_coeff=0.01, dead_mask=dead)
     with torch.no_grad():
@@ -289,7 +293,8 @@ def test_loss_terms_match_hand_computation(penalty):
     torch.testing.assert_close(out.losses["mse"], mse_l.sum())
     torch.testing.assert_close(out.losses["sparsity"], 0.1 * pen.sum((1, 2)).mean())
     torch.testing.assert_close(out.losses["preact"], 0.01 * preact)
-    torch.testing.assert_close(out.losses["auxk"], torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(out.losses["auxk"], torch.zeros((), dtype=torch.float64,
+                                                               device=device))  # fmt: skip
     torch.testing.assert_close(out.fvu_per_layer, fvu)
     torch.testing.assert_close(out.l0_per_layer, (acts > 0).sum(-1).double().mean(0))
     assert torch.equal(out.fired, (acts > 0).any(0))
@@ -347,13 +352,13 @@ def test_reduce_fn_sees_the_partial_reconstruction():
     assert not torch.isclose(doubled.losses["mse"], base.losses["mse"])
 
 
-def test_training_reduces_the_loss():
+def test_training_reduces_the_loss(device):
     torch.manual_seed(0)
-    clt = make_clt(activation="jumprelu", jumprelu_init_threshold=0.01)
+    clt = make_clt(activation="jumprelu", jumprelu_init_threshold=0.01, device=device)
     with torch.no_grad():
         clt.log_threshold.fill_(math.log(0.01))
-    x = acts_data(128)
-    y = torch.tanh(x @ torch.randn(D, D) * 0.3)  # a learnable map, layer by layer
+    x = acts_data(128, device=device)
+    y = torch.tanh(x @ torch.randn(D, D).to(device) * 0.3)  # a learnable map, layer by layer
     clt.estimate_normalization(x, y)
     opt = torch.optim.Adam(clt.parameters(), lr=1e-2)
     first = None
@@ -381,9 +386,9 @@ def test_estimate_normalization_gives_mean_squared_norm_d():
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
-def test_folded_weights_reproduce_the_model_on_raw_activations(variant):
-    clt = make_clt(**variant)
-    x = acts_data(25)
+def test_folded_weights_reproduce_the_model_on_raw_activations(variant, device):
+    clt = make_clt(device=device, **variant)
+    x = acts_data(25, device=device)
     w = clt.folded_weights()
     pre = torch.einsum("bld,ldf->blf", x, w["W_enc"]) + w["b_enc"]
     if variant["activation"] == "topk":

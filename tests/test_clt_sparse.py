@@ -24,7 +24,8 @@ L, B, F, D = 3, 7, 11, 5
 
 
 def naive_decode(acts_lbf: torch.Tensor, w_dec: list[torch.Tensor]) -> torch.Tensor:
-    out = torch.zeros(acts_lbf.shape[1], len(w_dec), w_dec[0].shape[-1], dtype=acts_lbf.dtype)
+    out = torch.zeros(acts_lbf.shape[1], len(w_dec), w_dec[0].shape[-1], dtype=acts_lbf.dtype,
+                      device=acts_lbf.device)  # fmt: skip
     outs = [out[:, j] for j in range(len(w_dec))]
     for i, w in enumerate(w_dec):
         for t in range(w.shape[1]):
@@ -32,8 +33,9 @@ def naive_decode(acts_lbf: torch.Tensor, w_dec: list[torch.Tensor]) -> torch.Ten
     return torch.stack(outs, 1)
 
 
-def random_case(cross_layer: bool, density: float = 0.3, seed: int = 0, n_feat: int = F):
-    g = torch.Generator().manual_seed(seed)
+def random_case(cross_layer: bool, density: float = 0.3, seed: int = 0, n_feat: int = F,
+                device: str = "cpu"):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU, so every device sees the same
     mask = torch.rand(L, B, n_feat, generator=g) < density
     mask[1] = False  # a source layer with nothing active
     acts = torch.randn(L, B, n_feat, generator=g, dtype=torch.float64) * mask
@@ -41,7 +43,7 @@ def random_case(cross_layer: bool, density: float = 0.3, seed: int = 0, n_feat: 
         torch.randn(n_feat, (L - i) if cross_layer else 1, D, generator=g, dtype=torch.float64)
         for i in range(L)
     ]
-    return mask, acts, w_dec
+    return mask.to(device), acts.to(device), [w.to(device) for w in w_dec]
 
 
 def test_support_structure():
@@ -60,8 +62,8 @@ def test_support_structure():
 
 
 @pytest.mark.parametrize("cross_layer", [True, False])
-def test_decoders_match_naive_and_gradcheck(cross_layer):
-    mask, acts, w_dec = random_case(cross_layer, n_feat=4)
+def test_decoders_match_naive_and_gradcheck(cross_layer, device):
+    mask, acts, w_dec = random_case(cross_layer, n_feat=4, device=device)
     support = Support.from_mask(mask)
     values = acts.reshape(-1)[support.flat].clone().requires_grad_()
     ws = [w.clone().requires_grad_() for w in w_dec]
@@ -82,21 +84,21 @@ def test_decoders_match_naive_and_gradcheck(cross_layer):
 
 
 @pytest.mark.parametrize("zero_fraction", [0.0, 0.5])
-def test_sparse_decode_gradients_equal_dense_on_the_support(zero_fraction):
+def test_sparse_decode_gradients_equal_dense_on_the_support(zero_fraction, device):
     """Kept positions may hold zeros (JumpReLU's kernel window); they still get dL/da."""
-    mask, acts, w_dec = random_case(True, density=0.4, seed=3)
+    mask, acts, w_dec = random_case(True, density=0.4, seed=3, device=device)
     support = Support.from_mask(mask)
     acts = acts * (
         torch.rand(acts.shape, generator=torch.Generator().manual_seed(4)) >= zero_fraction
-    )
-    g = torch.randn(B, L, D, dtype=torch.float64)
+    ).to(device)
+    g = torch.randn(B, L, D, dtype=torch.float64).to(device)
     ws_s = [w.clone().requires_grad_() for w in w_dec]
     ws_d = [w.clone().requires_grad_() for w in w_dec]
     values = acts.reshape(-1)[support.flat].clone().requires_grad_()
     acts_d = acts.clone().requires_grad_()
     out_s, n_s = sparse_decode_with_norms(support, values, ws_s)
     out_d, n_d = dense_decode_with_norms(acts_d, ws_d)
-    coef = torch.randn(L, F, dtype=torch.float64)
+    coef = torch.randn(L, F, dtype=torch.float64).to(device)
     ((out_s * g).sum() + (n_s * coef).sum()).backward()
     ((out_d * g).sum() + (n_d * coef).sum()).backward()
     for a, b in zip(ws_s, ws_d):
@@ -104,11 +106,10 @@ def test_sparse_decode_gradients_equal_dense_on_the_support(zero_fraction):
     torch.testing.assert_close(values.grad, acts_d.grad.reshape(-1)[support.flat])
 
 
-def test_encoder_grad_gather_gradcheck():
+def test_encoder_grad_gather_gradcheck(device):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(L, B, D, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(L, D, F, dtype=torch.float64, generator=g, requires_grad=True)
-    b = torch.randn(L, F, dtype=torch.float64, generator=g, requires_grad=True)
+    x, w, b = (torch.randn(*shape, dtype=torch.float64, generator=g).to(device).requires_grad_()
+               for shape in ((L, B, D), (L, D, F), (L, F)))  # fmt: skip
     with torch.no_grad():
         pre = torch.baddbmm(b.unsqueeze(1), x, w)
     support = Support.from_mask(pre > 0.5)
@@ -180,21 +181,21 @@ def _step(clt: CrossLayerTranscoder, mode: str, x, y, dead):
     ids=lambda v: "-".join(map(str, v.values())),
 )
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_sparse_step_equals_dense_step(variant, dtype):
+def test_sparse_step_equals_dense_step(variant, dtype, device):
     torch.manual_seed(0)
     n_layers, d, n_feat, batch = 3, 24, 96, 64
     clt = CrossLayerTranscoder(
-        CLTConfig(d_in=d, d_sae=n_feat, n_layers=n_layers, dtype=dtype, **variant)
+        CLTConfig(d_in=d, d_sae=n_feat, n_layers=n_layers, dtype=dtype, device=device, **variant)
     )
     tdt = getattr(torch, dtype)
-    x = torch.randn(batch, n_layers, d, dtype=tdt) * 2
-    y = torch.randn(batch, n_layers, d, dtype=tdt)
+    x = (torch.randn(batch, n_layers, d, dtype=tdt) * 2).to(device)
+    y = torch.randn(batch, n_layers, d, dtype=tdt).to(device)
     clt.estimate_normalization(x, y)
     with torch.no_grad():
         clt.b_enc.normal_(0, 0.1)
         if clt.cfg.activation == "jumprelu":
             clt.log_threshold.copy_(torch.empty_like(clt.log_threshold).uniform_(0.1, 0.4).log())
-    dead = torch.rand(n_layers, n_feat) < 0.2
+    dead = (torch.rand(n_layers, n_feat) < 0.2).to(device)
     state = {k: v.clone() for k, v in clt.state_dict().items()}
     out_d, g_d = _step(clt, "dense", x, y, dead)
     clt.load_state_dict(state)

@@ -162,7 +162,7 @@ def test_ddp_shard_reads_resume_exactly_after_a_rank_dies(tmp_path: Path, cache_
 
     import clt_lens  # noqa: F401
     from clt_lens.config import ConfigError, load_config
-    from clt_lens.training import TrainConfig, Trainer
+    from clt_lens.training import CLTTrainingRunner, TrainConfig
 
     n = 12
     src = ["--cache_dir", str(cache_dir), "--data_parallel_reads", "shards"]
@@ -197,4 +197,4 @@ def test_ddp_shard_reads_resume_exactly_after_a_rank_dies(tmp_path: Path, cache_
     # one process cannot take over two ranks' separate data positions: refused, named
     cfg = load_config(TrainConfig, None, [*COMMON, "--out_dir", str(tmp_path / "one"), *src])
     with pytest.raises(ConfigError, match="2 data-parallel ranks each reading its own part"):
-        Trainer(cfg, resume=run)
+        CLTTrainingRunner(cfg, resume=run)

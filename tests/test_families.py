@@ -48,7 +48,7 @@ from clt_lens.models import (
     model_family,
     resolve_hooks,
 )
-from clt_lens.training import TrainConfig, Trainer
+from clt_lens.training import CLTTrainingRunner, TrainConfig
 from clt_lens.training import trainer as trainer_module
 from clt_lens.training.cli import CONFIG_DIR
 
@@ -137,7 +137,7 @@ def runs(tmp_path_factory, text_file):
             assert (cfg.input_hook, cfg.output_hook) == ("auto", "auto")  # the default
             with pytest.MonkeyPatch.context() as mp:  # the training plots cost seconds each
                 mp.setattr(trainer_module, "plot_training_curves", lambda *a, **k: None)
-                clt = Trainer(cfg, model=model).train().eval()
+                clt = CLTTrainingRunner(cfg, override_model=model).run().eval()
             set_dir = write_circuit_tracer_set(root / "run", root / "set")
             built[family] = FamilyRun(family, folder, model, clt, root / "run", set_dir)
         return built[family]
@@ -340,14 +340,14 @@ def test_auto_hooks_in_cache_and_resume(runs, text_file, tmp_path, monkeypatch):
     # a run saved with resolved names resumes from a config that still says "auto"
     monkeypatch.setattr(trainer_module, "plot_training_curves", lambda *a, **k: None)
     more = small_train_config(str(run.folder), run.run_dir, n_steps=5, dataset=str(text_file))
-    Trainer(more, model=run.model, resume=run.run_dir).train()
+    CLTTrainingRunner(more, override_model=run.model, resume=run.run_dir).run()
     saved = json.loads((run.run_dir / "train_config.json").read_text())
     assert (saved["n_steps"], saved["input_hook"], saved["output_hook"]) == (
         5, DEFAULT.input_hook, DEFAULT.output_hook)
     other = small_train_config(str(run.folder), run.run_dir, n_steps=6, dataset=str(text_file),
                                input_hook="hook_resid_mid")
     with pytest.raises(ConfigError, match="incompatible config.*input_hook"):
-        Trainer(other, model=run.model, resume=run.run_dir)
+        CLTTrainingRunner(other, override_model=run.model, resume=run.run_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,7 +412,7 @@ def test_unsupported_families_get_a_clear_error(tmp_path, runs):
         mp.setattr(HookedTransformer, "from_pretrained_no_processing",
                    lambda *a, **k: pytest.fail("the model was loaded"))
         with pytest.raises(UnsupportedFamilyError, match=rf"'mistral'.*{supported}"):
-            Trainer(small_train_config("mistral-7b", tmp_path / "m7"))
+            CLTTrainingRunner(small_train_config("mistral-7b", tmp_path / "m7"))
 
     # a HookedTransformer of a family nobody verified (here: declared Mistral)
     other = _tl_model(original_architecture="MistralForCausalLM")
@@ -420,7 +420,7 @@ def test_unsupported_families_get_a_clear_error(tmp_path, runs):
     with pytest.raises(UnsupportedFamilyError, match=rf"'mistral'.*{supported}"):
         default_hooks(other)
     with pytest.raises(UnsupportedFamilyError, match="'mistral'"):
-        Trainer(small_train_config("custom", tmp_path / "t"), model=other)
+        CLTTrainingRunner(small_train_config("custom", tmp_path / "t"), override_model=other)
     # explicit hooks are the user's call: collection works
     assert resolve_hooks(other, "ln2.hook_normalized", "hook_mlp_out") == DEFAULT
     x, _ = collect_activations(other, torch.randint(0, 64, (1, 8)), DEFAULT)

@@ -286,8 +286,10 @@ def test_cli_features_with_neuronpedia_output(tmp_path, monkeypatch, clt):
     ckpt = tmp_path / "run" / "final"
     clt.save_model(ckpt)
     monkeypatch.setattr(clt_lens.models, "load_model", lambda name, **kw: model())
+    from clt_lens.vendor_js import DASHBOARD_SCRIPTS, find_js_dir
+
     dash = ["--dashboard", "2:1,3", "--dashboard_sequences", "4"] if importlib.util.find_spec(
-        "sae_dashboard") else []
+        "sae_dashboard") and find_js_dir(DASHBOARD_SCRIPTS) else []
     code = main(["features", str(ckpt), "--tokens", "400", "--layers", "0,2", "--neuronpedia",
                  "--model-id", "tiny", "--top_k", "4", "--batch_size", "2", "--window", "16",
                  *dash])
@@ -299,7 +301,9 @@ def test_cli_features_with_neuronpedia_output(tmp_path, monkeypatch, clt):
     assert all(len(ex["acts"]) == 16 for ex in rec["top_examples"])
     assert (out / "neuronpedia" / "dashboards" / "2-clt" / "batch-0.json").is_file()
     if dash:
-        assert "DASHBOARD_DATA" in (out / "dashboards" / "layer_02.html").read_text()
+        page = (out / "dashboards" / "layer_02.html").read_text(encoding="utf-8")
+        assert "DASHBOARD_DATA" in page and '<meta charset="utf-8">' in page
+        assert "src=\"http" not in page and "src='http" not in page
     assert (out / "neuronpedia" / "exports" / "tiny" / "0-clt" / "features" /
             "batch-0.jsonl.gz").is_file()
     # bad input is reported without a traceback and before the pass

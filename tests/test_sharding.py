@@ -286,13 +286,13 @@ def test_consolidate_and_export_stream_from_shards(tmp_path: Path, small_cache: 
 def test_errors_name_the_problem(tmp_path: Path, small_cache: Path, embedded_model):
     from clt_lens.config import ConfigError
     from clt_lens.config import load_config as load
-    from clt_lens.training import TrainConfig, Trainer
+    from clt_lens.training import CLTTrainingRunner, TrainConfig
     from clt_lens.training.checkpoint import CheckpointError
 
     # a distributed config without a process group: trains as one process, and says so
     with pytest.warns(UserWarning, match="no process group: training as ONE process.*torchrun"):
-        Trainer(load(TrainConfig, None, args(tmp_path / "w", 1, small_cache, "--distributed",
-                                             "feature")))  # fmt: skip
+        CLTTrainingRunner(load(TrainConfig, None, args(tmp_path / "w", 1, small_cache,
+                                                       "--distributed", "feature")))
     # an uneven split is refused before any work, naming both numbers
     run = Run(args(tmp_path / "uneven", 1, small_cache, "--distributed", "feature", d_sae=63),
               nproc=2)  # fmt: skip
@@ -304,5 +304,6 @@ def test_errors_name_the_problem(tmp_path: Path, small_cache: Path, embedded_mod
     ck = good / "checkpoints" / "step_00000002"
     (ck / "optimizer.f001-of-002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="lacks optimizer.f001-of-002.safetensors"):
-        Trainer(load(TrainConfig, None, args(good, 4, small_cache)), resume=good)  # no work yet
+        # refused in the constructor, before any work
+        CLTTrainingRunner(load(TrainConfig, None, args(good, 4, small_cache)), resume=good)
     assert issubclass(CheckpointError, ConfigError)  # the CLI prints it as one line

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from clt_lens.config import ConfigError, load_config
-from clt_lens.training import TrainConfig, Trainer, TrainingDiverged
+from clt_lens.training import CLTTrainingRunner, TrainConfig, TrainingDiverged
 
 SMALL = [
     "--d_sae", "128", "--batch_size", "256", "--n_steps", "12", "--lr_warmup_steps", "2",
@@ -35,7 +35,7 @@ def test_end_to_end_outputs(tmp_path: Path, embedded_model):
     import clt_lens  # noqa: F401  (registers the architecture)
 
     cfg = small_cfg(tmp_path, "--checkpoint_every", "6")
-    clt = Trainer(cfg, model=embedded_model).train()
+    clt = CLTTrainingRunner(cfg, override_model=embedded_model).run()
     final = tmp_path / "final"
     loaded = sae_lens.SAE.load_from_disk(str(final))
     assert type(loaded).__name__ == "CrossLayerTranscoder"
@@ -55,19 +55,20 @@ def test_end_to_end_outputs(tmp_path: Path, embedded_model):
 
 
 def test_determinism(tmp_path: Path, embedded_model):
-    a = Trainer(small_cfg(tmp_path / "a", "--n_steps", "5", "--eval_every", "100"),
-                model=embedded_model).train()
-    b = Trainer(small_cfg(tmp_path / "b", "--n_steps", "5", "--eval_every", "100"),
-                model=embedded_model).train()
+    a = CLTTrainingRunner(small_cfg(tmp_path / "a", "--n_steps", "5", "--eval_every", "100"),
+                override_model=embedded_model).run()
+    b = CLTTrainingRunner(small_cfg(tmp_path / "b", "--n_steps", "5", "--eval_every", "100"),
+                override_model=embedded_model).run()
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
 
 
 def test_incompatible_resume_refused_before_training(tmp_path: Path, embedded_model):
-    Trainer(small_cfg(tmp_path, "--n_steps", "2", "--eval_every", "100"),
-            model=embedded_model).train()
+    CLTTrainingRunner(small_cfg(tmp_path, "--n_steps", "2", "--eval_every", "100"),
+            override_model=embedded_model).run()
     with pytest.raises(ConfigError, match="d_sae: checkpoint=128 config=256"):
-        Trainer(small_cfg(tmp_path, "--d_sae", "256"), model=embedded_model, resume=tmp_path)
+        CLTTrainingRunner(small_cfg(tmp_path, "--d_sae", "256"), override_model=embedded_model,
+                          resume=tmp_path)
 
 
 class _NaNAfter:
@@ -103,7 +104,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path: Path, embedded_model
     # batch is read 9th
     src = _NaNAfter(make_source(cfg, cfg.batch_size, model=embedded_model), bad_call=9)
     with pytest.raises(TrainingDiverged, match=r"step 5.*step_00000003"):
-        Trainer(cfg, model=embedded_model, source=src).train()
+        CLTTrainingRunner(cfg, override_model=embedded_model, override_source=src).run()
     import sae_lens
 
     import clt_lens  # noqa: F401

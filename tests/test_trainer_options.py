@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clt_lens.training import TrainConfig, Trainer
+from clt_lens.training import CLTTrainingRunner, TrainConfig
 from clt_lens.training.sources import SyntheticSource
 
 
@@ -26,7 +26,7 @@ def cfg(tmp: Path, **kw) -> TrainConfig:
 
 def run(c: TrainConfig, micro: int) -> torch.nn.Module:
     src = toy_source(micro)
-    return Trainer(c, source=src, heldout=toy_source(64).next()).train()
+    return CLTTrainingRunner(c, override_source=src, override_heldout=toy_source(64).next()).run()
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path: Path):
@@ -37,10 +37,12 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path: Path):
             a, b = super().next(), super().next()
             return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
 
-    big = Trainer(cfg(tmp_path / "a", dead_window_tokens=10**9),
-                  source=Pairs(32, 2, 16, context_size=16), heldout=toy_source(64).next()).train()
-    acc = Trainer(cfg(tmp_path / "b", grad_accum=2, dead_window_tokens=10**9),
-                  source=toy_source(32), heldout=toy_source(64).next()).train()
+    big = CLTTrainingRunner(cfg(tmp_path / "a", dead_window_tokens=10**9),
+                            override_source=Pairs(32, 2, 16, context_size=16),
+                            override_heldout=toy_source(64).next()).run()
+    acc = CLTTrainingRunner(cfg(tmp_path / "b", grad_accum=2, dead_window_tokens=10**9),
+                            override_source=toy_source(32),
+                            override_heldout=toy_source(64).next()).run()
     for (k, v), w in zip(big.state_dict().items(), acc.state_dict().values()):
         assert torch.allclose(v, w, atol=1e-5, rtol=1e-4), k
 
@@ -60,9 +62,11 @@ def test_fp16_autocast_trains_with_a_grad_scaler_that_checkpoints(tmp_path: Path
     assert state["scaler"]["scale"] > 0
 
 
-def test_fused_and_plain_adam_agree(tmp_path: Path):
-    fused = run(cfg(tmp_path / "fused", adam_fused=True), 64)
-    plain = run(cfg(tmp_path / "plain", adam_fused=False), 64)
+def test_fused_and_plain_adam_agree(tmp_path: Path, device: str):
+    """The whole trainer on each device: fused and plain Adam reach the same weights."""
+    fused = run(cfg(tmp_path / "fused", adam_fused=True, device=device), 64)
+    plain = run(cfg(tmp_path / "plain", adam_fused=False, device=device), 64)
+    assert next(fused.parameters()).device.type == device
     for (k, v), w in zip(fused.state_dict().items(), plain.state_dict().values()):
         assert torch.allclose(v, w, atol=1e-5, rtol=1e-4), k
 
@@ -80,6 +84,16 @@ def test_gradient_clipping_bounds_the_update(tmp_path: Path):
     run(c, 64)
     recs = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"] > 1e-3 for r in recs if r["kind"] == "train")  # norm before clip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast is for CUDA")
+def test_bf16_autocast_on_cuda_keeps_fp32_master_weights_and_tracks_fp32(tmp_path: Path):
+    full = run(cfg(tmp_path / "fp32", device="cuda"), 64)
+    half = run(cfg(tmp_path / "bf16", device="cuda", autocast="bf16"), 64)
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    for (k, v), w in zip(full.state_dict().items(), half.state_dict().values()):
+        assert torch.allclose(v, w, atol=2e-2, rtol=5e-2), k  # bf16 matmuls: ~3 digits
 
 
 @pytest.mark.parametrize("bad", [{"grad_accum": 3}, {"autocast": "int8"}])

@@ -161,11 +161,15 @@ def test_05_saelens_interop(quickstart, tmp_path):
     assert "equals clt.encode(x)[:, 1]" in stdout
     import importlib.util
 
-    if importlib.util.find_spec("sae_dashboard") is not None:
-        html = (out / "dashboard_layer_1.html").read_text(encoding="utf-8")
-        assert "DASHBOARD_DATA" in html
-    else:
+    from clt_lens.vendor_js import DASHBOARD_SCRIPTS, find_js_dir
+
+    if importlib.util.find_spec("sae_dashboard") is None:
         assert "skipped: sae-dashboard is not installed" in stdout
+    elif find_js_dir(DASHBOARD_SCRIPTS) is None:
+        assert "skipped:" in stdout and "clt-lens serve --install-js" in stdout
+    else:
+        html = (out / "dashboard_layer_1.html").read_text(encoding="utf-8")
+        assert "DASHBOARD_DATA" in html and '<meta charset="utf-8">' in html
 
 
 def test_06_clt_vs_plt(tmp_path):

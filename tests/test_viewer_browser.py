@@ -1,39 +1,24 @@
 """``clt-lens serve``: the HTTP routes, and circuit-tracer's viewer in headless Chromium.
 
-The browser test drives Debian's ``chromium`` through ``chromedriver``'s W3C WebDriver HTTP API
-(plain urllib, no extra package). It needs chromium + chromium-driver and the viewer's d3/dagre/
-pako files (``clt-lens serve --install-js``); without them it is skipped, saying which is
-missing. Its screenshot is written to the test's tmp dir, or to ``$CLT_LENS_SCREENSHOT_DIR``.
+The browser test (``browser_helpers``: chromedriver over plain urllib, network cut off) needs
+chromium + chromium-driver and the viewer's d3/dagre/pako files (``clt-lens serve
+--install-js``); without them it is skipped, saying which is missing. Its screenshot is written
+to the test's tmp dir, or to ``$CLT_LENS_SCREENSHOT_DIR``.
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
+from browser_helpers import WebDriver, chromium_or_skip, screenshot_dir
 from test_circuits_common import PROMPT, feature_marker, make_features_dir
 
 from clt_lens.circuits import CircuitsError, attribute_prompt, cantor_pair, write_viewer_features
 from clt_lens.circuits.synthetic import random_clt
 from clt_lens.serve import LOCAL_SCAN_PREFIX, find_viewer_js, local_index_html, serve
-
-ELEMENT_KEY = "element-6066-11e4-a52e-4f735466cecf"
-CONTROL = "\ue009"
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--window-size=1400,1000",
-]
 
 
 @pytest.fixture(scope="module")
@@ -151,111 +136,8 @@ def test_serve_rejects_bad_dirs(tmp_path):
 # -- headless Chromium ---------------------------------------------------------------------------
 
 
-class WebDriver:
-    """The few W3C WebDriver commands the test needs, spoken to chromedriver over HTTP."""
-
-    def __init__(self, chromium: str, chromedriver: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.base = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([chromedriver, f"--port={port}"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.profile = tempfile.mkdtemp(prefix="clt-lens-chromium-")
-        self.sid = None
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self._call("GET", "/status")
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.quit()
-                    raise
-                time.sleep(0.1)
-        caps = {"capabilities": {"alwaysMatch": {
-            "browserName": "chrome",
-            "goog:loggingPrefs": {"browser": "ALL"},
-            "goog:chromeOptions": {"binary": chromium,
-                                   "args": CHROMIUM_FLAGS + [f"--user-data-dir={self.profile}"]},
-        }}}
-        self.sid = self._call("POST", "/session", caps)["sessionId"]
-
-    def _call(self, method: str, path: str, body: dict | None = None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return json.loads(r.read())["value"]
-
-    def session(self, method: str, path: str, body: dict | None = None):
-        return self._call(method, f"/session/{self.sid}{path}", body)
-
-    def js(self, script: str, *args):
-        return self.session("POST", "/execute/sync", {"script": script, "args": list(args)})
-
-    def wait_js(self, script: str, timeout: float = 30.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.js(script)
-            if value or time.monotonic() > deadline:
-                return value
-            time.sleep(0.25)
-
-    def click(self, element: dict) -> None:
-        element_id = next(iter(element.values()))
-        self.session("POST", f"/element/{element_id}/click", {})
-
-    def actions(self, *sources: dict) -> None:
-        """W3C input actions (real key and pointer events), then release every input."""
-        self.session("POST", "/actions", {"actions": list(sources)})
-        self.session("DELETE", "/actions")
-
-    def ctrl_click(self, element: dict) -> None:
-        origin = {ELEMENT_KEY: next(iter(element.values()))}
-        pause = {"type": "pause", "duration": 0}
-        self.actions(
-            {"type": "key", "id": "kb", "actions": [
-                {"type": "keyDown", "value": CONTROL}, pause, pause, pause,
-                {"type": "keyUp", "value": CONTROL}]},
-            {"type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
-             "actions": [pause, {"type": "pointerMove", "origin": origin, "x": 0, "y": 0},
-                         {"type": "pointerDown", "button": 0},
-                         {"type": "pointerUp", "button": 0}, pause]})
-
-    def key(self, value: str, down: bool) -> None:
-        """Press or release one key, leaving it in that state (no release of inputs)."""
-        self.session("POST", "/actions", {"actions": [{"type": "key", "id": "kb", "actions": [
-            {"type": "keyDown" if down else "keyUp", "value": value}]}]})
-
-    def screenshot(self, path: Path) -> None:
-        path.write_bytes(base64.b64decode(self.session("GET", "/screenshot")))
-
-    def console_errors(self) -> list[str]:
-        logs = self.session("POST", "/se/log", {"type": "browser"})
-        return [entry["message"] for entry in logs if entry.get("level") == "SEVERE"]
-
-    def quit(self) -> None:
-        try:
-            if self.sid is not None:
-                self.session("DELETE", "")
-        except OSError:
-            pass
-        finally:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            shutil.rmtree(self.profile, ignore_errors=True)
-
-
 def _browser_or_skip() -> tuple[str, str]:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        pytest.skip("headless browser test needs Debian's chromium and chromium-driver "
-                    "(apt-get install -y chromium chromium-driver)")
+    chromium, driver = chromium_or_skip()
     if find_viewer_js() is None:
         pytest.skip("the viewer's d3/dagre/pako files are not installed for offline use: run "
                     "'clt-lens serve --install-js' (or set CLT_LENS_VIEWER_JS)")
@@ -273,12 +155,11 @@ def test_viewer_renders_graph_and_feature_examples(graph_dir, tmp_path):
     expected = [n for n in graph["nodes"]
                 if n["feature_type"] in shown_types or n["influence"] <= 0.8]
     n_errors = sum(n["feature_type"] == "mlp reconstruction error" for n in expected)
-    shot_dir = Path(os.environ.get("CLT_LENS_SCREENSHOT_DIR") or tmp_path)
-    shot_dir.mkdir(parents=True, exist_ok=True)
+    shot_dir = screenshot_dir(tmp_path)
     with serve(out, port=0) as srv:
         driver = WebDriver(chromium, chromedriver)
         try:
-            driver.session("POST", "/url", {"url": srv.url + "index.html?slug=tobe"})
+            driver.open(srv.url + "index.html?slug=tobe")
             shown = driver.wait_js("return document.querySelectorAll('.node').length")
             assert shown == len(expected), (shown, len(expected))
             errors_shown = driver.js(
@@ -309,16 +190,13 @@ def test_viewer_renders_graph_and_feature_examples(graph_dir, tmp_path):
             shot = shot_dir / "viewer_feature_examples.png"
             driver.screenshot(shot)
             assert shot.stat().st_size > 10_000
+            # rendered with the network cut off, from nothing but local files
+            assert driver.remote_refs() == []
+            assert driver.js("return document.characterSet") == "UTF-8"
             errors = [e for e in driver.console_errors() if "favicon" not in e]
             assert not errors, errors
         finally:
             driver.quit()
-
-
-def _shot_dir(tmp_path: Path) -> Path:
-    d = Path(os.environ.get("CLT_LENS_SCREENSHOT_DIR") or tmp_path)
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def _open_graph(driver: WebDriver, url: str) -> None:
@@ -361,7 +239,7 @@ def test_viewer_ablation_from_the_graph_page(graph_dir, tmp_path):
     the node's feature page, and steering from it."""
     chromium, chromedriver = _browser_or_skip()
     out, res = graph_dir
-    shots = _shot_dir(tmp_path)
+    shots = screenshot_dir(tmp_path)
     with serve(out, port=0) as srv:
         driver = WebDriver(chromium, chromedriver)
         try:
@@ -469,7 +347,7 @@ def test_viewer_supernode_saved_reloaded_and_intervened(graph_dir, tmp_path):
     graph again from a clean URL, and ablate the group from the drawer."""
     chromium, chromedriver = _browser_or_skip()
     out, res = graph_dir
-    shots = _shot_dir(tmp_path)
+    shots = screenshot_dir(tmp_path)
     saved = res.json_path.read_text()
     fresh = json.loads(saved)
     fresh["qParams"] = {}  # nothing pinned or grouped (test_server_routes saves a pin)

@@ -37,13 +37,13 @@ def _free_port() -> int:
 
 def _train(args: list[str], resume: str | None) -> None:
     from clt_lens.config import load_config
-    from clt_lens.training import TrainConfig, Trainer
+    from clt_lens.training import CLTTrainingRunner, TrainConfig
 
     cfg = load_config(TrainConfig, None, args)
     model = _MODEL if not cfg.cache_dir else None
-    trainer = Trainer(cfg, model=model, resume=resume)
-    trainer.train()
-    trainer.par.shutdown()
+    runner = CLTTrainingRunner(cfg, override_model=model, resume=resume)
+    runner.run()
+    runner.par.shutdown()
 
 
 def _child(args: list[str], resume: str | None, env: dict[str, str], err: Path,

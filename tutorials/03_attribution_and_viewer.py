@@ -230,10 +230,16 @@ def check_edge(graph_path: Path, *, device: str, n_tokens: int) -> None:
     features = {n["node_id"] for n in data["nodes"]
                 if n.get("feature_type") == "cross layer transcoder"}
     edges = [e for e in data["links"] if e["source"] in features and e["target"] in features]
-    if not edges:
-        print("edge check: no feature-to-feature edge survived pruning in this graph")
-        return
-    edge = max(edges, key=lambda e: abs(e["weight"]))
+    if edges:
+        edge = max(edges, key=lambda e: abs(e["weight"]))
+    else:
+        # Pruning keeps the nodes closest to the logits; in a small graph those can all sit
+        # in one layer and position. The unpruned graph (.pt) still has every edge.
+        edge = strongest_unpruned_edge(graph_path.with_suffix(".pt"))
+        if edge is None:
+            print("edge check: the graph has no feature-to-feature edge")
+            return
+        print("(no feature-to-feature edge survived pruning; taking the unpruned graph's)")
     (la, fa, pa), (lb, fb, pb) = (tuple(int(v) for v in e.split("_"))
                                   for e in (edge["source"], edge["target"]))
     tokens = data["metadata"]["prompt_tokens"]
@@ -259,6 +265,29 @@ def check_edge(graph_path: Path, *, device: str, n_tokens: int) -> None:
           f"KL(before||after) {total.kl:.4f} nats")
     print(f"continuation before: {total.continuation_before['text']!r}")
     print(f"continuation after:  {total.continuation_after['text']!r}")
+
+
+def strongest_unpruned_edge(pt_path: Path) -> dict | None:
+    """The largest feature-to-feature entry of circuit-tracer's adjacency matrix, in the
+    pruned graph's link format. Rows are targets, columns sources; the first rows are the
+    selected features, in the order of graph.selected_features."""
+    from circuit_tracer.graph import Graph
+
+    if not pt_path.is_file():
+        return None
+    graph = Graph.from_pt(str(pt_path))
+    n = len(graph.selected_features)
+    block = graph.adjacency_matrix[:n, :n].abs()
+    if n == 0 or float(block.max()) == 0.0:
+        return None
+    target, source = divmod(int(block.argmax()), n)
+
+    def node_id(i: int) -> str:
+        layer, pos, index = (int(v) for v in graph.active_features[graph.selected_features[i]])
+        return f"{layer}_{index}_{pos}"
+
+    return {"source": node_id(source), "target": node_id(target),
+            "weight": float(graph.adjacency_matrix[target, source])}
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     # 4. SAE-Dashboard. write_dashboard hands the layer transcoder to sae-dashboard's own
     #    runner (feature-centric HTML: activation histogram, top contexts, logit table).
     #    Its logit table uses only the own-layer decoder; the Neuronpedia export of
-    #    tutorial 4 has the CLT-wide logit effects.
+    #    tutorial 4 has the CLT-wide logit effects. The page inlines d3 and plotly, so it
+    #    opens offline; 'clt-lens serve --install-js' fetches them once (else: skipped).
     # ------------------------------------------------------------------------------------
     print("\n== 4. SAE-Dashboard ==")
     from clt_lens.features import DashboardUnavailableError, write_dashboard

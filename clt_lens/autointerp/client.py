@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from clt_lens.errors import CLTLensError, InputError
+
 DEFAULT_COMPLETION_ESTIMATE = 512  # tokens reserved per request when max_output_tokens is unset
 
 
@@ -37,7 +39,7 @@ class BudgetExhausted(Exception):
     """The request or token budget does not allow another request."""
 
 
-class FatalAPIError(RuntimeError):
+class FatalAPIError(CLTLensError, RuntimeError):
     """The API refuses the whole run (credentials, access, unknown model, no quota)."""
 
 
@@ -164,7 +166,7 @@ def resolve_endpoint(api_key: str | None, base_url: str | None) -> tuple[str, st
     api_key = api_key or os.environ.get("OPENAI_API_KEY") or None
     if api_key is None:
         if base_url is None:
-            raise ValueError(
+            raise InputError(
                 "no API key: pass api_key= / --api-key or set OPENAI_API_KEY; for a local "
                 "OpenAI-compatible server (vLLM, Ollama) pass base_url= / --base-url or set "
                 "OPENAI_BASE_URL"

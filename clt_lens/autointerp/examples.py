@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from clt_lens.errors import InputError
+
 
 def feature_rng(seed: int, layer: int, index: int, purpose: str) -> random.Random:
     """An independent stream per (feature, purpose): adding a scorer leaves the others'
@@ -27,17 +29,17 @@ class ExampleSplit:
 def check_example(ex: object, where: str) -> None:
     """Raise ValueError naming ``where`` if ``ex`` is not a well-formed Example."""
     if not isinstance(ex, dict):
-        raise ValueError(f"{where}: example is not an object")
+        raise InputError(f"{where}: example is not an object")
     for key in ("tokens", "acts", "max_act", "max_pos"):
         if key not in ex:
-            raise ValueError(f"{where}: example lacks {key!r}")
+            raise InputError(f"{where}: example lacks {key!r}")
     tokens, acts = ex["tokens"], ex["acts"]
     if not isinstance(tokens, list) or not isinstance(acts, list) or len(tokens) != len(acts):
-        raise ValueError(f"{where}: example needs lists 'tokens' and 'acts' of equal length")
+        raise InputError(f"{where}: example needs lists 'tokens' and 'acts' of equal length")
     if not tokens:
-        raise ValueError(f"{where}: example has no tokens")
+        raise InputError(f"{where}: example has no tokens")
     if not isinstance(ex["max_pos"], int) or not 0 <= ex["max_pos"] < len(tokens):
-        raise ValueError(f"{where}: example max_pos {ex['max_pos']!r} is outside its tokens")
+        raise InputError(f"{where}: example max_pos {ex['max_pos']!r} is outside its tokens")
 
 
 def activating_groups(feature: dict) -> list[list[dict]]:

@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from clt_lens.errors import InputError, MissingFileError
+
 MANIFEST_FILE = "features.json"
 _PREFIX_RE = re.compile(rb'^\{\s*"layer"\s*:\s*(\d+)\s*,\s*"index"\s*:\s*(\d+)\s*[,}]')
 
@@ -26,27 +28,27 @@ class FeaturesDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
-            raise FileNotFoundError(f"features directory {str(self.path)!r} does not exist")
+            raise MissingFileError(f"features directory {str(self.path)!r} does not exist")
         mpath = self.path / MANIFEST_FILE
         if not mpath.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{str(mpath)!r} not found: is {str(self.path)!r} a directory written by "
                 "'clt-lens features'?"
             )
         try:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{mpath}: not valid JSON ({e})") from None
+            raise InputError(f"{mpath}: not valid JSON ({e})") from None
         if not isinstance(manifest, dict):
-            raise ValueError(f"{mpath}: expected a JSON object")
+            raise InputError(f"{mpath}: expected a JSON object")
         if manifest.get("format_version") != 1:
-            raise ValueError(
+            raise InputError(
                 f"{mpath}: format_version {manifest.get('format_version')!r} is not supported "
                 "(expected 1)"
             )
         for key in ("n_layers", "d_sae"):
             if not isinstance(manifest.get(key), int) or manifest[key] < 1:
-                raise ValueError(f"{mpath}: {key!r} must be a positive integer")
+                raise InputError(f"{mpath}: {key!r} must be a positive integer")
         self.manifest = manifest
         self.n_layers: int = manifest["n_layers"]
         self.d_sae: int = manifest["d_sae"]
@@ -57,13 +59,13 @@ class FeaturesDir:
     def check_layers(self, layers: list[int]) -> None:
         for layer in layers:
             if not 0 <= layer < self.n_layers:
-                raise ValueError(
+                raise InputError(
                     f"layer {layer} is out of range: the features directory has "
                     f"n_layers={self.n_layers}"
                 )
             p = self.layer_path(layer)
             if not p.is_file():
-                raise FileNotFoundError(f"{str(p)!r} not found (layer {layer} of {self.path})")
+                raise MissingFileError(f"{str(p)!r} not found (layer {layer} of {self.path})")
             self._check_first_line(layer, p)
 
     def _check_first_line(self, layer: int, p: Path) -> None:
@@ -97,20 +99,20 @@ def _parse(raw: bytes, p: Path, lineno: int) -> dict:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p}:{lineno}: not valid JSON ({e})") from None
+        raise InputError(f"{p}:{lineno}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{p}:{lineno}: expected a JSON object per line")
+        raise InputError(f"{p}:{lineno}: expected a JSON object per line")
     return obj
 
 
 def check_feature(feature: dict, layer: int, where: str) -> None:
     if feature.get("layer") != layer:
-        raise ValueError(f"{where}: 'layer' is {feature.get('layer')!r}, expected {layer}")
+        raise InputError(f"{where}: 'layer' is {feature.get('layer')!r}, expected {layer}")
     if not isinstance(feature.get("index"), int) or feature["index"] < 0:
-        raise ValueError(f"{where}: 'index' must be a non-negative integer")
+        raise InputError(f"{where}: 'index' must be a non-negative integer")
     for key in ("max_act", "top_examples"):
         if key not in feature:
-            raise ValueError(f"{where}: feature lacks {key!r}")
+            raise InputError(f"{where}: feature lacks {key!r}")
     for key in ("top_examples", "quantile_examples", "negative_examples"):
         if not isinstance(feature.get(key, []), list):
-            raise ValueError(f"{where}: {key!r} must be a list")
+            raise InputError(f"{where}: {key!r} must be a list")

@@ -11,6 +11,8 @@ import math
 import re
 from collections.abc import Collection, Sequence
 
+from clt_lens.errors import InputError
+
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 
 EXPLAIN_METHOD = "clt-lens-explain-v1"
@@ -241,11 +243,11 @@ def parse_binary_list(text: str, n: int) -> list[int] | None:
 def balanced_accuracy(labels: Sequence[int], predictions: Sequence[int]) -> float:
     """Mean of the true-positive and true-negative rates; both classes must be present."""
     if len(labels) != len(predictions):
-        raise ValueError(f"{len(labels)} labels but {len(predictions)} predictions")
+        raise InputError(f"{len(labels)} labels but {len(predictions)} predictions")
     pos = [p for y, p in zip(labels, predictions) if y == 1]
     neg = [p for y, p in zip(labels, predictions) if y == 0]
     if not pos or not neg:
-        raise ValueError("balanced accuracy needs both positive and negative labels")
+        raise InputError("balanced accuracy needs both positive and negative labels")
     tpr = sum(1 for p in pos if p == 1) / len(pos)
     tnr = sum(1 for p in neg if p == 0) / len(neg)
     return (tpr + tnr) / 2.0
@@ -277,7 +279,7 @@ def parse_level_lists(text: str, lengths: Sequence[int]) -> list[list[int]] | No
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """Pearson correlation; None when either side is constant (no correlation is defined)."""
     if len(xs) != len(ys):
-        raise ValueError(f"{len(xs)} values against {len(ys)}")
+        raise InputError(f"{len(xs)} values against {len(ys)}")
     n = len(xs)
     if n < 2:
         return None

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from clt_lens.errors import CLTLensError, MissingFileError
+
 RECORDS_FILE = "autointerp.jsonl"
 SUMMARY_FILE = "autointerp_summary.json"
 LOCK_FILE = "autointerp.lock"
@@ -63,7 +65,7 @@ def load_explanations(
     """
     d = Path(features_dir)
     if not d.is_dir():
-        raise FileNotFoundError(f"features directory {str(d)!r} does not exist")
+        raise MissingFileError(f"features directory {str(d)!r} does not exist")
     out: dict[tuple[int, int], dict] = {}
     for rec in iter_records(d):
         if rec["status"] != "ok" or not rec.get("explanation"):
@@ -85,7 +87,7 @@ def latest_records(
     return out
 
 
-class RunLocked(RuntimeError):
+class RunLocked(CLTLensError, RuntimeError):
     """Another autointerp run is writing the same autointerp.jsonl."""
 
 

@@ -49,6 +49,7 @@ from clt_lens.autointerp.records import (
 )
 from clt_lens.autointerp.scorers import SCORE_KEYS, score_feature
 from clt_lens.config import build_config, config_to_dict
+from clt_lens.errors import InputError
 
 
 def run_autointerp(
@@ -122,7 +123,7 @@ class _Selection:
         layers = list(range(fdir.n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
         for layer in layers:
             if layer >= fdir.n_layers:
-                raise ValueError(
+                raise InputError(
                     f"config key 'layers': layer {layer} is out of range "
                     f"(the features directory has n_layers={fdir.n_layers})"
                 )
@@ -130,7 +131,7 @@ class _Selection:
         if ids is not None:
             for layer, index in ids:
                 if layer >= fdir.n_layers or index >= fdir.d_sae:
-                    raise ValueError(
+                    raise InputError(
                         f"config key 'features': {layer}:{index} is out of range "
                         f"(n_layers={fdir.n_layers}, d_sae={fdir.d_sae})"
                     )

@@ -33,6 +33,7 @@ from clt_lens.autointerp.prompts import (
     render_marked,
     render_plain,
 )
+from clt_lens.errors import InputError
 
 # the number each scorer reports (runner summaries average it)
 SCORE_KEYS = {"detection": "balanced_accuracy", "fuzzing": "balanced_accuracy",
@@ -161,7 +162,7 @@ def score_feature(
             return None, f"simulation: skipped, {sim}"
         return _simulate(explanation, sim, chat, tally)
     else:
-        raise ValueError(f"unknown scorer {name!r}")
+        raise InputError(f"unknown scorer {name!r}")
     if isinstance(built, str):
         return None, f"{name}: skipped, {built}"
     try:

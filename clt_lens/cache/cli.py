@@ -6,6 +6,7 @@
 
 Config keys are the fields of ``clt_lens.cache.CacheConfig`` (e.g. ``--out_dir runs/cache
 --n_tokens 2e6 --codec int8``); the YAML file is optional when overrides give ``out_dir``.
+``out_dir`` and DIR may be local directories or fsspec URLs (``s3://bucket/cache``).
 """
 
 from __future__ import annotations

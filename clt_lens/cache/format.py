@@ -1,52 +1,43 @@
-"""On-disk format of an activation cache: codecs, shard files and the manifest.
+"""On-disk format of an activation cache: shard files and the manifest (codecs: ``codecs.py``).
 
-A cache is a directory::
+A cache is a directory (local, or any fsspec URL: see ``storage.py``)::
 
-    manifest.json            written last, atomically, by the merge step (see below)
+    manifest.json            written last, atomically, by the merge step
     shard-00000.clts ...     self-contained shards, one per fixed range of token sequences
     cache_config.json        the generation config (lets jobs check they agree, and resume)
     jobs/job-0-of-1.json     per-job progress records (shards finished, with checksums)
 
-**Shard file** (``.clts``)::
+**Shard file** (``.clts``), format version 2::
 
     8 bytes   magic b"CLTSHARD"
     8 bytes   little-endian uint64 H = length of the header
     H bytes   UTF-8 JSON header
-    ...       payload: the blobs the header lists, back to back
+    ...       payload: the parameter region, then one region per token chunk
 
-The header holds ``format_version``, ``n_tokens``, ``n_layers``, ``d_model``, the ``codec`` (name
-and parameters), per-tensor codec metadata (``tensors.x`` / ``tensors.y``: e.g. the measured
-quantisation FVU per layer), provenance (``info``: shard index, sequence range) and ``blobs``:
-a list of ``{name, dtype, shape, filter, zstd, offset, nbytes}``. A blob is a numpy array in C
-order; ``filter="byteplanes"`` means its bytes were regrouped by byte significance (all lowest
-bytes, then the next ...) before compression, which lets zstd see the mostly-constant high bytes
-as runs; ``zstd`` says whether the blob is one zstd frame. Offsets count from the payload start.
-Per-layer data are separate blobs (``x/0`` .. ``x/{L-1}``, same for ``y``) so layers decode
-independently. A reader needs nothing but the file to decode it.
+The header holds ``format_version``, ``n_tokens``, ``n_layers``, ``d_model``, the ``codec``
+(name and parameters), per-tensor codec metadata (``tensors.x`` / ``tensors.y``: the measured
+quantisation FVU of every layer and of every layer's worst channel), provenance (``info``),
+``chunk_tokens``, ``params`` and ``chunks`` (the byte range and sha256 of the parameter region
+and of each chunk's region; a chunk also gives its first token and token count) and ``blobs``:
+``{name, dtype, shape, filter, zstd, offset, nbytes}`` for every stored array. A blob is a numpy
+array in C order; ``filter="byteplanes"`` means its bytes were regrouped by significance (all
+lowest bytes, then the next ...) before compression, so zstd sees mostly-constant high bytes
+as runs; ``zstd`` says whether the blob is one zstd frame. Offsets count from the payload
+start. Parameters (``x/step``, ``y/scales`` ...) are shared by the shard; codes are stored per
+chunk, tensor and layer (``c{k}/x/{layer}``, and ``c{k}/x/{layer}/esc`` for escapes), so a
+reader can fetch and decode one chunk of ``chunk_tokens`` tokens (a range read) without the
+rest of the shard, and checks that chunk's sha256. The manifest holds the sha256 of the header
+(and of the whole file), so every byte a reader uses is verified.
 
-**Codecs** (the same one for x and y; ``zstd_level`` 0 = no zstd, otherwise the zstd level):
-
-- ``fp32`` / ``fp16`` / ``bf16``: the values cast (fp16 refuses values beyond its range).
-- ``int8``: symmetric absmax quantisation with one scale per (layer, channel) over the shard;
-  error per value at most scale/2.
-- ``errbound``: uniform quantisation whose step is chosen from an error budget ``target_fvu``:
-  each layer's quantisation FVU (sum of squared errors / sum of squared deviations from the
-  channel means, over the shard) is at most ``target_fvu``, which bounds the whole cache too.
-  Values are stored as integers ``q = round((v - mean_c) / step_c)``, zigzag-mapped to unsigned,
-  in the narrowest of 8/16/32 bits that holds the layer. ``allocation="layer"`` uses one step per
-  layer (for a fixed squared-error budget equal steps need the fewest bits); ``"channel"`` scales
-  steps with each channel's standard deviation. Steps lie on a 2^(1/32) grid so that rounding noise
-  in the statistics almost never changes the bytes written. With ``predict`` (the default) each
-  layer is coded as the residual from a per-channel linear prediction out of already decoded
-  neighbours (x_l from x_{l-1} and y_{l-1}; y_l from x_l and y_{l-1}; coding order x_0, y_0,
-  x_1, ...): the error bound is unchanged and correlated layers cost fewer bits (on the
-  embedded model 3.4x smaller than fp16 instead of 3.0x). Quantisation codes are compressed
-  with zstd matches of 7+ bytes only (see ``_compressor``).
+Format version 1 (written before chunks existed) has no ``params``/``chunks``; its blobs are
+``x/{layer}`` (zigzag codes) and ``x/step`` ...: it reads as a single chunk whose integrity
+comes from the whole file's sha256.
 
 **Manifest** (``manifest.json``): ``format_version``, ``kind``, model id and name, cache config
 hash, hook spec and full hook names, ``n_layers``, ``d_model``, ``context_size``, dataset, split,
-seed, codec, total tokens, worst per-layer quantisation FVU over the shards, and ``shards``: one
-entry per shard with file name, token count, byte size, sha256 and sequence range.
+seed, codec, ``error_bound`` (what the codec guarantees), total tokens, the worst per-layer and
+per-channel quantisation FVU over the shards, and ``shards``: one entry per shard with file
+name, token count, byte size, sha256, header size and sha256, chunk size and sequence range.
 """
 
 from __future__ import annotations
@@ -54,13 +45,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,68 +56,54 @@ import zstandard
 from torch import Tensor
 
 from clt_lens.activations import HookSpec
-from clt_lens.fsutil import fsync_dir
+from clt_lens.cache.codecs import (
+    CODECS,
+    DEFAULT_CODEC,
+    TENSORS,
+    Codec,
+    Decoder,
+    chunk_bounds,
+    codec_from_config,
+    make_codec,
+    split_chunk,
+    to_tensor,
+)
+from clt_lens.cache.errors import CacheError, CacheMismatchError
+from clt_lens.cache.storage import Store, as_store, is_url
+from clt_lens.errors import InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SHARD_MAGIC = b"CLTSHARD"
 SHARD_SUFFIX = ".clts"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_KIND = "clt_lens.activation_cache"
+CHUNK_LAYER_BYTES = 2**20  # float32 bytes of one (tensor, layer) slice of a chunk, by default
 
 
-class CacheError(ValueError):
-    """A cache (or one of its files) is missing, corrupt, too new, or not the one expected."""
+def auto_chunk_tokens(n_layers: int, d_model: int) -> int:
+    """Default tokens per chunk: a power of two with ~1 MiB per (tensor, layer) slice, 128..4096.
+
+    Decoding works a slice at a time (the codes, the slices it is predicted from, the output):
+    slices that stay in the CPU's cache decoded 1.5x faster than 4x larger ones on this
+    machine; much smaller chunks pay more per-chunk overhead (a range read, Python calls per
+    layer). Demo shape (d=128): 2048 tokens; d=256: 1024; d=2304: 128.
+    """
+    del n_layers  # the slice, not the whole chunk, is what has to stay in cache
+    return int(min(4096, max(128, 2 ** math.floor(math.log2(max(1, CHUNK_LAYER_BYTES
+                                                                 // (4 * d_model)))))))
 
 
-class CacheMismatchError(CacheError):
-    """The cache was built for another model / hooks / shape than the caller expects."""
+__all__ = [
+    "CODECS", "DEFAULT_CODEC", "FORMAT_VERSION", "MANIFEST_NAME", "SHARD_MAGIC", "SHARD_SUFFIX",
+    "CacheError", "CacheManifest", "CacheMismatchError", "Codec", "ShardEntry", "ShardView",
+    "auto_chunk_tokens", "codec_from_config", "config_hash", "encode_shard", "from_byteplanes",
+    "make_codec", "parse_header", "parse_shard", "read_manifest", "read_shard_file",
+    "sha256_hex", "to_byteplanes", "write_manifest",
+]
 
 
-# ----------------------------------------------------------------------------------------------
-# Files
-
-
-def atomic_write_bytes(path: str | Path, data: bytes | list[bytes]) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + rename, so readers never see half."""
-    path = Path(path)
-    # A per-process temp name: concurrent jobs may write the same file (config, manifest).
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in data if isinstance(data, list) else [data]:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress_oserror():
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, tp: Any, value: Any, tb: Any) -> bool:
-        return tp is not None and issubclass(tp, OSError)
-
-
-def sha256_hex(data: bytes | memoryview) -> str:
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def config_hash(obj: Any) -> str:
@@ -178,7 +152,7 @@ def _decompress_exact(frame: memoryview, size: int) -> np.ndarray:
             got += n
         extra = reader.read(1)
     if got != size or extra:
-        raise ValueError(f"decompressed to {'more than ' if extra else ''}{got} bytes where "
+        raise InputError(f"decompressed to {'more than ' if extra else ''}{got} bytes where "
                          f"{size} were expected")
     return out
 
@@ -194,481 +168,156 @@ def from_byteplanes(planes: np.ndarray, dtype: np.dtype, shape: tuple[int, ...])
     return flat.view(dtype).reshape(shape)
 
 
-# ----------------------------------------------------------------------------------------------
-# Codecs
-
 # numpy has no bfloat16: bf16 payloads travel as uint16 bit patterns.
-_NP_DTYPES = {"float32", "float16", "uint16", "int8", "uint8", "uint32", "int32"}
-
-
-@dataclass
-class Encoded:
-    """One tensor encoded by a codec: JSON metadata and named arrays (per layer, plus params)."""
-
-    meta: dict[str, Any]
-    arrays: dict[str, np.ndarray]
-    compress: set[str] = field(default_factory=set)  # array names worth zstd-compressing
-    codes: bool = False  # compressed arrays hold quantisation codes (see _compressor)
-
-
-def layer_fvu(ref: Tensor, approx: Tensor) -> float:
-    """FVU of one layer's ``[N, d]`` block: sum sq. error / sum sq. deviation from channel means."""
-    if ref.shape[0] == 0:
-        return 0.0
-    err = approx - ref
-    dev = ref - ref.mean(0)
-    e = float((err * err).sum())  # float32 cascade sums: ~1e-7 relative, and no float64 copies
-    v = float((dev * dev).sum())
-    if v == 0.0:
-        return 0.0 if e == 0.0 else math.inf
-    return e / v
-
-
-class Codec(ABC):
-    """Encodes a float32 tensor ``[N, L, d]`` into arrays and back."""
-
-    name: ClassVar[str]
-    lossless: ClassVar[bool] = False
-
-    def __init__(self, zstd_level: int = 3) -> None:
-        if not isinstance(zstd_level, int) or not 0 <= zstd_level <= 22:
-            raise CacheError(
-                f"zstd_level must be an integer in 0..22 (0 = off), got {zstd_level!r}"
-            )
-        self.zstd_level = zstd_level
-
-    def params(self) -> dict[str, Any]:
-        return {"zstd_level": self.zstd_level}
-
-    def config(self) -> dict[str, Any]:
-        return {"name": self.name, **self.params()}
-
-    @abstractmethod
-    def encode(self, t: Tensor) -> Encoded: ...
-
-    @abstractmethod
-    def decode_layer(self, meta: dict[str, Any], get: Callable[[str], np.ndarray], layer: int,
-                     out: np.ndarray) -> None:
-        """Write layer ``layer``'s float32 values into the (strided) numpy view ``out [N, d]``.
-
-        Decoders use numpy, which runs on the calling thread only: the reader decodes in a
-        background thread, and torch ops there would compete for the trainer's thread pool.
-        """
-
-    def encode_pair(self, x: Tensor, y: Tensor) -> dict[str, Encoded]:
-        """Encode token-aligned x and y (codecs that code one from the other override this)."""
-        return {"x": self.encode(x), "y": self.encode(y)}
-
-    def decode_pair(self, metas: dict[str, dict[str, Any]],
-                    get: Callable[[str], np.ndarray], out_x: Tensor, out_y: Tensor) -> None:
-        """Fill ``out_x``/``out_y``; ``get("x/0")`` etc. returns a stored array."""
-        for tname, out in (("x", out_x), ("y", out_y)):
-            self.decode(metas[tname], lambda a, t=tname: get(f"{t}/{a}"), out)
-
-    def decode(self, meta: dict[str, Any], get: Callable[[str], np.ndarray], out: Tensor) -> None:
-        """Write the whole tensor into the CPU float32 tensor ``out [N, L, d]``."""
-        arr = out.numpy()
-        for layer in range(out.shape[1]):
-            self.decode_layer(meta, get, layer, arr[:, layer, :])
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config()})"
-
-
-class FloatCodec(Codec):
-    name = "fp32"
-    lossless = True
-    storage = torch.float32
-
-    def encode(self, t: Tensor) -> Encoded:
-        n, n_layers, d = t.shape
-        arrays, fvu = {}, []
-        if self.storage == torch.float16:
-            amax = float(t.abs().max()) if t.numel() else 0.0
-            if not math.isfinite(amax) or amax > 65504.0:
-                raise CacheError(
-                    f"codec fp16 cannot hold activations with |value| up to {amax:.4g} "
-                    "(fp16 max 65504); use bf16, fp32, int8 or errbound"
-                )
-        for layer in range(n_layers):
-            v = t[:, layer, :]
-            c = v.to(self.storage).contiguous()
-            if self.storage == torch.bfloat16:
-                arr = c.view(torch.int16).numpy().view(np.uint16)
-            else:
-                arr = c.numpy()
-            arrays[str(layer)] = arr
-            if not self.lossless:
-                fvu.append(layer_fvu(v, c.float()))
-        meta = {} if self.lossless else {"fvu": fvu}
-        return Encoded(meta, arrays, compress=set(arrays))
-
-    def decode_layer(self, meta: dict[str, Any], get: Callable[[str], np.ndarray], layer: int,
-                     out: np.ndarray) -> None:
-        arr = get(str(layer))
-        if self.storage == torch.bfloat16:  # bf16 bits are the top half of a float32
-            np.left_shift(arr.astype(np.uint32), 16, out=out.view(np.uint32))
-        else:
-            out[...] = arr
-
-
-class Fp16Codec(FloatCodec):
-    name = "fp16"
-    lossless = False
-    storage = torch.float16
-
-
-class Bf16Codec(FloatCodec):
-    name = "bf16"
-    lossless = False
-    storage = torch.bfloat16
-
-
-class Int8Codec(Codec):
-    """Symmetric absmax int8 with one scale per (layer, channel) over the shard."""
-
-    name = "int8"
-
-    def encode(self, t: Tensor) -> Encoded:
-        n, n_layers, d = t.shape
-        arrays: dict[str, np.ndarray] = {}
-        scales = torch.empty(n_layers, d, dtype=torch.float32)
-        fvu = []
-        for layer in range(n_layers):
-            v = t[:, layer, :]
-            amax = v.abs().amax(0) if n else torch.zeros(d)
-            scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-            q = torch.round(v / scale).clamp_(-127, 127).to(torch.int8)
-            scales[layer] = scale
-            arrays[str(layer)] = q.contiguous().numpy()
-            fvu.append(layer_fvu(v, q.float() * scale))
-        arrays["scales"] = scales.numpy()
-        return Encoded({"fvu": fvu}, arrays, compress={str(i) for i in range(n_layers)},
-                       codes=True)
-
-    def decode_layer(self, meta: dict[str, Any], get: Callable[[str], np.ndarray], layer: int,
-                     out: np.ndarray) -> None:
-        np.multiply(get(str(layer)), get("scales")[layer], out=out, dtype=np.float32)
-
-
-_GRID = 32  # steps are 2^(k / _GRID)
-
-
-class ErrorBoundedCodec(Codec):
-    """Uniform quantisation with steps chosen so each layer's FVU stays <= ``target_fvu``.
-
-    With ``predict=True`` each (tensor, layer) is coded as the residual from a per-channel
-    linear prediction ``bias + sum_k coef_k * source_k`` out of already decoded slices (see
-    ``_sources``). It is closed loop (the sources are the decoded values, so errors do not
-    accumulate) and the step, hence the error bound, is unchanged; the residual has less spread
-    than the value when the slices are correlated, so it takes fewer bits.
-    """
-
-    name = "errbound"
-
-    def __init__(self, zstd_level: int = 3, target_fvu: float = 1e-3,
-                 allocation: str = "layer", predict: bool = True) -> None:
-        super().__init__(zstd_level)
-        if not (isinstance(target_fvu, (int, float)) and 0 < target_fvu < 1):
-            raise CacheError(f"codec errbound: target_fvu must be in (0, 1), got {target_fvu!r}")
-        if allocation not in ("layer", "channel"):
-            raise CacheError(
-                f"codec errbound: allocation must be 'layer' or 'channel', got {allocation!r}"
-            )
-        if not isinstance(predict, bool):
-            raise CacheError(f"codec errbound: predict must be true or false, got {predict!r}")
-        self.target_fvu = float(target_fvu)
-        self.allocation = allocation
-        self.predict = predict
-
-    def params(self) -> dict[str, Any]:
-        return {"zstd_level": self.zstd_level, "target_fvu": self.target_fvu,
-                "allocation": self.allocation, "predict": self.predict}
-
-    def _steps(self, var: Tensor, n: int, r_of: Callable[[Tensor], Tensor]
-               ) -> tuple[Tensor, Tensor, float]:
-        """Pick steps for one layer. ``var``: per-channel variance (the FVU denominator);
-        ``r_of(step)``: what gets quantised, in step units. -> codes (float), step [d], FVU."""
-        d = var.shape[0]
-        total = float(var.sum())
-        mean_var = total / d
-        if self.allocation == "layer":
-            rel_k = torch.zeros(d, dtype=torch.float64)
-        else:
-            # Zero-variance channels take the mean step; their codes are all 0 anyway.
-            var_c = torch.where(var > 0, var, torch.full_like(var, mean_var))
-            rel_k = torch.round(0.5 * torch.log2(var_c / mean_var) * _GRID)
-        k = math.floor(0.5 * math.log2(12 * self.target_fvu * mean_var) * _GRID)
-        # Small margin so float32 rounding in the decoder cannot push the FVU over the target.
-        limit = self.target_fvu * 0.999
-        # Search the largest grid step meeting the limit: jump by the FVU ~ step^2 estimate
-        # until the answer is bracketed, then bisect (residuals far below the step, e.g. from a
-        # good prediction, break the estimate).
-        best: tuple[int, Tensor, Tensor, float] | None = None
-        bad: int | None = None
-        fvu = math.inf
-        for _ in range(16):
-            step = torch.exp2((rel_k + k) / _GRID).float()
-            r = r_of(step)
-            q = torch.round(r)
-            e = q - r  # error in units of the step
-            fvu = float(((e * e).sum(0).double() * step.double() ** 2).sum()) / (total * n)
-            if fvu <= limit:
-                best = (k, q, step, fvu)
-                if not bool(q.any()):  # all codes 0: a larger step changes nothing
-                    break
-            else:
-                bad = k
-            if best is not None and bad is not None:
-                if bad - best[0] <= 1:
-                    break
-                k = (best[0] + bad) // 2
-            elif best is not None:
-                up = math.floor(_GRID * 0.5 * math.log2(limit / max(fvu, 1e-300)))
-                if up <= 0:  # the estimate says this is the largest step that fits
-                    break
-                k += up
-            else:
-                k -= max(1, math.ceil(_GRID * 0.5 * math.log2(fvu / limit)))
-        if best is None:
-            raise CacheError(
-                f"codec errbound could not reach target_fvu={self.target_fvu} (last FVU {fvu:.3g})"
-            )
-        return best[1], best[2], best[3]
-
-    def _sources(self, tname: str, layer: int, dec: dict[str, Any]) -> list[Any]:
-        """Decoded slices that predict (tname, layer): x_l <- x_{l-1}, y_{l-1}; y_l <- x_l, y_{l-1}.
-
-        Coding order is x_0, y_0, x_1, y_1 ..., so every source is decoded before it is used.
-        """
-        if not self.predict:
-            return []
-        if tname == "x":
-            return [] if layer == 0 else [dec["x"][:, layer - 1], dec["y"][:, layer - 1]]
-        return [dec["x"][:, layer]] + ([dec["y"][:, layer - 1]] if layer > 0 else [])
-
-    @staticmethod
-    def _fit(c: Tensor, mean: Tensor, srcs: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-channel least squares of the centred values ``c`` on up to two sources.
-
-        -> (coef [2, d], bias [d]). Float32 sums suffice: any coefficients give a valid code
-        (the decoder applies the stored ones), a poorer fit only costs bits.
-        """
-        n, d = c.shape
-        coef = torch.zeros(_N_SOURCES, d)
-        if not srcs or n < 2:
-            return coef, mean
-        means = [s.mean(0) for s in srcs]
-        cs = [s - m for s, m in zip(srcs, means)]
-        k = len(srcs)
-        # Column-wise dot products (vecdot: one fused pass each; einsum here is 20x slower).
-        g = torch.empty(d, k, k, dtype=torch.float64)
-        r = torch.empty(d, k, dtype=torch.float64)
-        for i in range(k):
-            r[:, i] = torch.linalg.vecdot(cs[i], c, dim=0)
-            for j in range(i, k):
-                g[:, i, j] = g[:, j, i] = torch.linalg.vecdot(cs[i], cs[j], dim=0)
-        ridge = 1e-6 * g.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)
-        g = g + torch.eye(k, dtype=torch.float64) * ridge[:, None, None]
-        sol = torch.linalg.solve(g, r.unsqueeze(-1)).squeeze(-1)  # [d, k]
-        sol = torch.where(torch.isfinite(sol), sol, torch.zeros_like(sol))
-        coef[:k] = sol.T.float()
-        bias = mean.clone()
-        for j, m in enumerate(means):
-            bias -= coef[j] * m
-        return coef, bias
-
-    @staticmethod
-    def _predict(bias: Tensor, coef: Tensor, srcs: list[Tensor], n: int) -> Tensor:
-        pred = bias.expand(n, -1).clone()
-        for k, s in enumerate(srcs):
-            pred.addcmul_(s, coef[k])
-        return pred
-
-    @staticmethod
-    def _reconstruct(q: np.ndarray, step: np.ndarray, bias: np.ndarray, coef: np.ndarray | None,
-                     srcs: list[np.ndarray], out: np.ndarray) -> None:
-        """out = q * step + bias + sum_k src_k * coef_k, in float32, in this order (q: float32
-        holding the integer codes, exact below 2^24).
-
-        Encoder (for the sources of later layers) and decoder both call this, so their
-        reconstructions agree bit for bit.
-        """
-        np.multiply(q, step, out=out)
-        out += bias
-        for k, src in enumerate(srcs):
-            assert coef is not None
-            out += src * coef[k]
-
-    def encode(self, t: Tensor) -> Encoded:
-        raise NotImplementedError("errbound encodes x and y together: use encode_pair")
-
-    def encode_pair(self, x: Tensor, y: Tensor) -> dict[str, Encoded]:
-        n, n_layers, d = x.shape
-        tensors = {"x": x, "y": y}
-        dec = {k: torch.empty(n, n_layers, d) for k in tensors} if self.predict else {}
-        dec_np = {k: v.numpy() for k, v in dec.items()}
-        out: dict[str, Encoded] = {}
-        params = {k: {"step": torch.ones(n_layers, d), "bias": torch.zeros(n_layers, d),
-                      "coef": torch.zeros(n_layers, _N_SOURCES, d)} for k in tensors}
-        metas: dict[str, dict[str, list]] = {k: {"fvu": [], "bits": []} for k in tensors}
-        arrays: dict[str, dict[str, np.ndarray]] = {k: {} for k in tensors}
-        for layer in range(n_layers):
-            for tname, t in tensors.items():
-                v = t[:, layer, :]
-                mean = v.mean(0) if n else torch.zeros(d)
-                c = v - mean
-                var = (c * c).sum(0).double() / max(n, 1)
-                srcs = self._sources(tname, layer, dec)
-                coef, bias = self._fit(c, mean, srcs)
-                pred = self._predict(bias, coef, srcs, n)
-                if n == 0 or float(var.sum()) == 0.0:
-                    q, step, f = torch.zeros(n, d), torch.ones(d), 0.0
-                else:
-                    resid = v - pred
-                    q, step, f = self._steps(var, n, lambda s, resid=resid: resid / s)
-                if q.numel() and q.abs().max() >= 2**30:
-                    raise CacheError("codec errbound: quantised values overflow 31 bits; "
-                                     "raise target_fvu")
-                qi = q.to(torch.int32)
-                if self.predict:  # the decoder's reconstruction, for the layers that follow
-                    self._reconstruct(
-                        q.numpy(), step.numpy(), bias.numpy(), coef.numpy(),
-                        self._sources(tname, layer, dec_np), dec_np[tname][:, layer, :])
-                p = params[tname]
-                p["step"][layer], p["bias"][layer], p["coef"][layer] = step, bias, coef
-                qn = qi.numpy()
-                z = ((qn << 1) ^ (qn >> 31)).view(np.uint32)  # zigzag: small |q| -> small codes
-                top = int(z.max()) if z.size else 0
-                width = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32
-                arrays[tname][str(layer)] = z.astype(width)
-                metas[tname]["fvu"].append(f)
-                metas[tname]["bits"].append(np.dtype(width).itemsize * 8)
-        for tname in tensors:
-            p = params[tname]
-            arrays[tname]["step"] = p["step"].numpy()
-            arrays[tname]["bias"] = p["bias"].numpy()
-            if self.predict:
-                arrays[tname]["coef"] = p["coef"].numpy()
-            out[tname] = Encoded(metas[tname], arrays[tname],
-                                 compress={str(i) for i in range(n_layers)}, codes=True)
-        return out
-
-    def decode_pair(self, metas: dict[str, dict[str, Any]],
-                    get: Callable[[str], np.ndarray], out_x: Tensor, out_y: Tensor) -> None:
-        n_layers = out_x.shape[1]
-        outs = {"x": out_x.numpy(), "y": out_y.numpy()}
-        names = ("step", "bias", "coef") if self.predict else ("step", "bias")
-        par = {t: {a: get(f"{t}/{a}") for a in names} for t in outs}
-        for layer in range(n_layers):
-            for tname, out in outs.items():
-                p = par[tname]
-                q = _unzigzag(get(f"{tname}/{layer}"))
-                self._reconstruct(q, p["step"][layer], p["bias"][layer],
-                                  p["coef"][layer] if self.predict else None,
-                                  self._sources(tname, layer, outs), out[:, layer, :])
-
-    def decode_layer(self, meta: dict[str, Any], get: Callable[[str], np.ndarray], layer: int,
-                     out: np.ndarray) -> None:
-        raise NotImplementedError("errbound decodes x and y together: use decode_pair")
-
-
-_N_SOURCES = 2  # prediction sources per (tensor, layer)
-_UNZIGZAG: dict[str, np.ndarray] = {}
-
-
-def _unzigzag(z: np.ndarray) -> np.ndarray:
-    """Zigzag codes -> float32 integers; a table lookup (one pass) for 8- and 16-bit codes."""
-    if z.dtype.itemsize <= 2:
-        key = str(z.dtype)
-        if key not in _UNZIGZAG:
-            c = np.arange(2 ** (8 * z.dtype.itemsize), dtype=np.int64)
-            _UNZIGZAG[key] = ((c >> 1) ^ -(c & 1)).astype(np.float32)
-        return np.take(_UNZIGZAG[key], z)
-    c = z.astype(np.int64)
-    return ((c >> 1) ^ -(c & 1)).astype(np.float32)
-
-
-CODECS: dict[str, type[Codec]] = {
-    c.name: c for c in (FloatCodec, Fp16Codec, Bf16Codec, Int8Codec, ErrorBoundedCodec)
-}
-DEFAULT_CODEC = "errbound"
-
-
-def make_codec(name: str, **params: Any) -> Codec:
-    """Codec by name; ``params`` are its keyword arguments (``zstd_level``, ``target_fvu`` ...)."""
-    if name not in CODECS:
-        raise CacheError(f"unknown codec {name!r}; codecs: {sorted(CODECS)}")
-    try:
-        return CODECS[name](**params)
-    except TypeError as e:
-        raise CacheError(f"codec {name!r}: bad parameters {params}: {e}") from None
-
-
-def codec_from_config(cfg: dict[str, Any]) -> Codec:
-    cfg = dict(cfg)
-    return make_codec(cfg.pop("name", ""), **cfg)
+_NP_DTYPES = {"float32", "float16", "uint16", "int8", "uint8", "uint32", "int32", "int64"}
 
 
 # ----------------------------------------------------------------------------------------------
-# Shards
+# Writing shards
 
 
-def encode_shard(x: Tensor, y: Tensor, codec: Codec, info: dict[str, Any] | None = None
-                 ) -> list[bytes]:
-    """Encode token-aligned ``x``, ``y`` ``[N, L, d]`` into shard file bytes (a list of chunks)."""
+class _Payload:
+    """Accumulates blobs and the byte regions (with sha256) they form."""
+
+    def __init__(self, level: int, quantised: bool) -> None:
+        self.level, self.quantised = level, quantised
+        self.blobs: list[dict[str, Any]] = []
+        self.chunks: list[bytes] = []
+        self.offset = 0
+        self._region: tuple[int, Any] | None = None
+
+    def begin(self) -> None:
+        self._region = (self.offset, hashlib.sha256())
+
+    def end(self) -> dict[str, Any]:
+        assert self._region is not None
+        start, h = self._region
+        self._region = None
+        return {"offset": start, "nbytes": self.offset - start, "sha256": h.hexdigest()}
+
+    def add(self, name: str, arr: np.ndarray, compress: bool) -> None:
+        arr = np.ascontiguousarray(arr)
+        use_zstd = compress and self.level > 0
+        filt = "byteplanes" if use_zstd and arr.dtype.itemsize > 1 else "none"
+        raw = to_byteplanes(arr) if filt == "byteplanes" else arr
+        if use_zstd:
+            data = _compressor(self.level, self.quantised).compress(raw.data)
+        else:
+            data = raw.tobytes()
+        self.blobs.append({"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
+                           "filter": filt, "zstd": use_zstd, "offset": self.offset,
+                           "nbytes": len(data)})
+        self.chunks.append(data)
+        if self._region is not None:
+            self._region[1].update(data)
+        self.offset += len(data)
+
+
+def encode_shard(x: Tensor, y: Tensor, codec: Codec, info: dict[str, Any] | None = None,
+                 chunk_tokens: int | None = None) -> list[bytes]:
+    """Encode token-aligned ``x``, ``y`` ``[N, L, d]`` into shard file bytes (a list of parts).
+
+    ``chunk_tokens``: tokens per independently readable chunk (default ``auto_chunk_tokens``).
+    """
     if x.shape != y.shape or x.ndim != 3:
         raise CacheError(f"x and y must both be [N, L, d]; got {tuple(x.shape)}, {tuple(y.shape)}")
-    x = x.detach().to("cpu", torch.float32)
-    y = y.detach().to("cpu", torch.float32)
-    blobs: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
-    offset = 0
-    tensors: dict[str, Any] = {}
-    encoded = codec.encode_pair(x, y)
-    for tname in ("x", "y"):
-        enc = encoded[tname]
-        tensors[tname] = enc.meta
-        for aname, arr in enc.arrays.items():
-            arr = np.ascontiguousarray(arr)
-            use_zstd = codec.zstd_level > 0 and aname in enc.compress
-            filt = "byteplanes" if use_zstd and arr.dtype.itemsize > 1 else "none"
-            raw = to_byteplanes(arr) if filt == "byteplanes" else arr
-            if use_zstd:
-                data = _compressor(codec.zstd_level, enc.codes).compress(raw.data)
-            else:
-                data = raw.tobytes()
-            blobs.append({
-                "name": f"{tname}/{aname}", "dtype": str(arr.dtype), "shape": list(arr.shape),
-                "filter": filt, "zstd": use_zstd, "offset": offset, "nbytes": len(data),
-            })
-            chunks.append(data)
-            offset += len(data)
+    if chunk_tokens is None:
+        chunk_tokens = auto_chunk_tokens(x.shape[1], x.shape[2])
+    if not isinstance(chunk_tokens, int) or chunk_tokens <= 0:
+        raise CacheError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+    # Encoding runs where the activations are (a GPU during generation); codes come back.
+    x = x.detach().to(torch.float32)
+    y = y.detach().to(x.device, torch.float32)
+    n, n_layers, _ = x.shape
+    enc = codec.encode_pair(x, y, chunk_tokens)
+    pay = _Payload(codec.zstd_level, enc.quantised)
+    pay.begin()
+    for name, arr in enc.params.items():
+        pay.add(name, arr, compress=False)
+    params = pay.end()
+    chunks = []
+    for k, (lo, hi) in enumerate(chunk_bounds(n, chunk_tokens)):
+        pay.begin()
+        for layer in range(n_layers):
+            for tname in TENSORS:
+                for name, arr in split_chunk(enc, f"{tname}/{layer}", lo, hi).items():
+                    pay.add(f"c{k}/{name}", arr, compress=enc.compress)
+        chunks.append({"start": lo, "n_tokens": hi - lo, **pay.end()})
     header = {
         "format_version": FORMAT_VERSION,
-        "n_tokens": int(x.shape[0]),
-        "n_layers": int(x.shape[1]),
+        "n_tokens": int(n),
+        "n_layers": int(n_layers),
         "d_model": int(x.shape[2]),
         "codec": codec.config(),
-        "tensors": tensors,
+        "tensors": enc.meta,
         "info": info or {},
-        "blobs": blobs,
+        "chunk_tokens": chunk_tokens,
+        "params": params,
+        "chunks": chunks,
+        "blobs": pay.blobs,
     }
     hbytes = json.dumps(header, sort_keys=True).encode()
-    return [SHARD_MAGIC, len(hbytes).to_bytes(8, "little"), hbytes, *chunks]
+    return [SHARD_MAGIC, len(hbytes).to_bytes(8, "little"), hbytes, *pay.chunks]
 
 
-@dataclass
+def shard_header_bytes(parts: list[bytes]) -> bytes:
+    """The framing + header of a shard given as ``encode_shard`` parts."""
+    return b"".join(parts[:3])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading shards
+
+
 class ShardView:
-    """A parsed shard: header plus lazy access to its blobs (decoding checks every field)."""
+    """A parsed shard header, with the payload when the whole file was read.
 
-    header: dict[str, Any]
-    payload: memoryview
-    source: str
+    Arrays come from byte regions: ``params()`` / ``chunk(k)`` take the region's bytes (a
+    range read) or slice them from the payload, check their sha256 and decode the blobs.
+    """
+
+    def __init__(self, header: dict[str, Any], payload: memoryview | None, source: str,
+                 header_nbytes: int) -> None:
+        self.header, self.payload, self.source = header, payload, source
+        self.header_nbytes = header_nbytes  # payload offset within the file
+        self.version = int(header["format_version"])
+        # Parsed once: a reader decodes many chunks of a cached header.
+        self._blobs: dict[str, tuple] = {}
+        for b in header.get("blobs", []):
+            try:
+                dtype = np.dtype(b["dtype"])
+                shape = tuple(int(s) for s in b["shape"])
+                if str(dtype) not in _NP_DTYPES or b["filter"] not in ("none", "byteplanes"):
+                    raise InputError(f"bad dtype {b['dtype']!r} or filter {b['filter']!r}")
+                size = int(np.prod(shape)) * dtype.itemsize
+                self._blobs[str(b["name"])] = (dtype, shape, int(b["offset"]), int(b["nbytes"]),
+                                               bool(b["zstd"]), b["filter"] == "byteplanes",
+                                               size)
+            except (ValueError, KeyError, TypeError) as e:
+                raise CacheError(f"shard {source}: blob {b.get('name')!r} is malformed ({e})"
+                                 ) from None
+        # blobs by region: parameters, and each chunk's under their short names ("x/0" ...)
+        self._param_blobs: list[tuple[str, tuple]] = []
+        self._chunk_blobs: dict[int, list[tuple[str, tuple]]] = {}
+        chunked = "chunks" in header
+        for name, blob in self._blobs.items():
+            parts = name.split("/")
+            if chunked and parts[0][:1] == "c" and parts[0][1:].isdigit():
+                self._chunk_blobs.setdefault(int(parts[0][1:]), []).append(
+                    (name[len(parts[0]) + 1 :], blob))
+            elif not chunked and len(parts) == 2 and parts[1].isdigit():
+                self._chunk_blobs.setdefault(0, []).append((name, blob))
+            else:
+                self._param_blobs.append((name, blob))
 
     @property
     def n_tokens(self) -> int:
         return int(self.header["n_tokens"])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        h = self.header
+        return int(h["n_tokens"]), int(h["n_layers"]), int(h["d_model"])
 
     def codec(self) -> Codec:
         try:
@@ -676,38 +325,113 @@ class ShardView:
         except CacheError as e:
             raise CacheError(f"shard {self.source}: {e}") from None
 
+    @property
+    def chunked(self) -> bool:
+        return "chunks" in self.header
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.header["chunks"]) if self.chunked else (1 if self.n_tokens else 0)
+
+    def chunk_info(self, k: int) -> dict[str, Any]:
+        """``{start, n_tokens, offset, nbytes, sha256}`` of chunk ``k`` (format 1: the shard)."""
+        if self.chunked:
+            return self.header["chunks"][k]
+        return {"start": 0, "n_tokens": self.n_tokens, "offset": 0,
+                "nbytes": self._payload_len(), "sha256": None}
+
+    def params_info(self) -> dict[str, Any]:
+        if self.chunked:
+            return self.header["params"]
+        return {"offset": 0, "nbytes": self._payload_len(), "sha256": None}
+
+    def _payload_len(self) -> int:
+        return max((b[2] + b[3] for b in self._blobs.values()), default=0)
+
+    def _region(self, info: dict[str, Any], region: Any, what: str) -> memoryview:
+        if region is None:
+            if self.payload is None:
+                raise CacheError(f"shard {self.source}: no bytes for {what}")
+            lo = int(info["offset"])
+            region = self.payload[lo : lo + int(info["nbytes"])]
+        mv = memoryview(region)
+        if len(mv) != int(info["nbytes"]):
+            raise CacheError(f"shard {self.source}: {what} is {len(mv)} bytes, the header says "
+                             f"{info['nbytes']} (truncated file)")
+        want = info.get("sha256")
+        if want is not None and sha256_hex(mv) != want:
+            raise CacheError(f"shard {self.source}: sha256 of {what} does not match its header "
+                             "(corrupt file)")
+        return mv
+
+    def params(self, region: Any = None) -> dict[str, np.ndarray]:
+        """The shard's parameter arrays (``x/step`` ...); ``region``: the bytes of that range."""
+        info = self.params_info()
+        mv = self._region(info, region, "the parameter region")
+        return {name: self._array(blob, mv, int(info["offset"]))
+                for name, blob in self._param_blobs}
+
+    def chunk(self, k: int, region: Any = None) -> dict[str, np.ndarray]:
+        """Chunk ``k``'s stored arrays, named ``x/0``, ``x/0/esc`` ..."""
+        info = self.chunk_info(k)
+        mv = self._region(info, region, f"chunk {k}")
+        return {name: self._array(blob, mv, int(info["offset"]))
+                for name, blob in self._chunk_blobs.get(k, [])}
+
     def array(self, name: str) -> np.ndarray:
+        """One blob by its stored name, from a whole-file view."""
         blob = self._blobs.get(name)
         if blob is None:
             raise CacheError(f"shard {self.source}: blob {name!r} missing from its header")
+        if self.payload is None:
+            raise CacheError(f"shard {self.source}: header-only view")
+        return self._array(blob, self.payload, 0)
+
+    def _array(self, blob: tuple, region: memoryview, base: int) -> np.ndarray:
+        dtype, shape, off, nb, zstd, planes, size = blob
+        lo = off - base
         try:
-            dtype = np.dtype(blob["dtype"])
-            shape = tuple(int(s) for s in blob["shape"])
-            lo, nb = int(blob["offset"]), int(blob["nbytes"])
-            if str(dtype) not in _NP_DTYPES or lo < 0 or lo + nb > len(self.payload):
-                raise ValueError("bad dtype or out-of-range offset")
-            raw: Any = self.payload[lo : lo + nb]
-            size = int(np.prod(shape)) * dtype.itemsize
-            if blob["zstd"]:
+            if lo < 0 or lo + nb > len(region):
+                raise InputError("out-of-range offset")
+            raw: Any = region[lo : lo + nb]
+            if zstd:
                 raw = _decompress_exact(raw, size)
             elif len(raw) != size:
-                raise ValueError(f"{len(raw)} bytes where {size} were expected")
-            if blob["filter"] not in ("none", "byteplanes"):
-                raise ValueError(f"unknown filter {blob['filter']!r}")
-            if blob["filter"] == "byteplanes":
+                raise InputError(f"{len(raw)} bytes where {size} were expected")
+            if planes:
                 return from_byteplanes(np.frombuffer(raw, np.uint8), dtype, shape)
-            return np.frombuffer(raw, dtype).reshape(shape)
-        except (ValueError, KeyError, TypeError, zstandard.ZstdError) as e:
+            arr = np.frombuffer(raw, dtype).reshape(shape)
+            return arr if arr.flags.writeable else arr.copy()
+        except (ValueError, zstandard.ZstdError) as e:
+            name = next((k for k, v in self._blobs.items() if v is blob), "?")
             raise CacheError(f"shard {self.source}: blob {name!r} is corrupt ({e})") from None
 
-    def __post_init__(self) -> None:
-        self._blobs = {b["name"]: b for b in self.header.get("blobs", [])}
+    def decoder(self, device: str | torch.device = "cpu", region: Any = None) -> Decoder:
+        """The codec's decoder with this shard's parameters on ``device``."""
+        params = {k: to_tensor(v).to(device) for k, v in self.params(region).items()}
+        return self.codec().decoder(params)
+
+    def decode_chunk_into(self, decoder: Decoder, arrays: dict[str, np.ndarray],
+                          out_x: Tensor, out_y: Tensor) -> None:
+        """Decode one chunk's arrays into ``out_x``/``out_y`` (on the decoder's device)."""
+        device = out_x.device
+        pin = device.type == "cuda"
+        tensors = {}
+        for name, arr in arrays.items():
+            t = to_tensor(arr)
+            if device.type != "cpu":
+                t = (t.pin_memory() if pin else t).to(device, non_blocking=pin)
+            tensors[name] = t
+        try:
+            decoder.decode_chunk(tensors, out_x, out_y)
+        except (KeyError, IndexError, RuntimeError) as e:  # a header that lies about its arrays
+            raise CacheError(f"shard {self.source}: cannot decode ({type(e).__name__}: {e})"
+                             ) from None
 
     def decode(self, out_x: Tensor | None = None, out_y: Tensor | None = None
                ) -> tuple[Tensor, Tensor]:
-        """Float32 ``(x, y)`` ``[N, L, d]``, into ``out_x``/``out_y`` when given."""
-        n, n_layers, d = self.n_tokens, int(self.header["n_layers"]), int(self.header["d_model"])
-        codec = self.codec()
+        """Float32 ``(x, y)`` ``[N, L, d]`` of a whole-file view, into ``out_x``/``out_y``."""
+        n, n_layers, d = self.shape
         outs = []
         for out in (out_x, out_y):
             if out is None:
@@ -715,18 +439,25 @@ class ShardView:
             elif tuple(out.shape) != (n, n_layers, d):
                 raise CacheError(f"shard {self.source}: output buffer has the wrong shape")
             outs.append(out)
-        try:
-            codec.decode_pair(self.header["tensors"], self.array, outs[0], outs[1])
-        except (KeyError, IndexError, RuntimeError) as e:  # a header that lies about its arrays
-            raise CacheError(f"shard {self.source}: cannot decode ({type(e).__name__}: {e})"
-                             ) from None
+        if n == 0:
+            return outs[0], outs[1]
+        decoder = self.decoder(outs[0].device)
+        for k in range(self.n_chunks):
+            info = self.chunk_info(k)
+            lo, m = int(info["start"]), int(info["n_tokens"])
+            if lo < 0 or lo + m > n:
+                raise CacheError(f"shard {self.source}: chunk {k} lies outside the shard")
+            self.decode_chunk_into(decoder, self.chunk(k), outs[0][lo : lo + m],
+                                   outs[1][lo : lo + m])
         return outs[0], outs[1]
 
 
-def parse_shard(data: bytes | bytearray | memoryview, source: str) -> ShardView:
-    """Parse a shard's framing and header (errors name ``source``)."""
-    # A writable buffer lets uncompressed blobs become tensors without a copy or a warning.
-    mv = memoryview(bytearray(data) if isinstance(data, bytes) else data)
+def parse_header(data: bytes | bytearray | memoryview, source: str) -> tuple[dict[str, Any], int]:
+    """Parse a shard's framing and JSON header from the file's first bytes.
+
+    -> (header, header_nbytes = offset of the payload in the file).
+    """
+    mv = memoryview(data)
     if len(mv) < 16 or bytes(mv[:8]) != SHARD_MAGIC:
         raise CacheError(f"shard {source}: not a clt_lens shard (bad magic or too short)")
     hlen = int.from_bytes(mv[8:16], "little")
@@ -736,44 +467,69 @@ def parse_shard(data: bytes | bytearray | memoryview, source: str) -> ShardView:
         header = json.loads(bytes(mv[16 : 16 + hlen]))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"shard {source}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CacheError(f"shard {source}: header is not a JSON object")
     version = header.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CacheError(
             f"shard {source}: format_version {version!r} is newer than this clt_lens reads "
             f"({FORMAT_VERSION}); upgrade clt_lens"
         )
-    payload = mv[16 + hlen :]
-    end = max((int(b["offset"]) + int(b["nbytes"]) for b in header.get("blobs", [])), default=0)
-    if end != len(payload):
+    for key in ("n_tokens", "n_layers", "d_model", "codec", "blobs"):
+        if key not in header:
+            raise CacheError(f"shard {source}: header lacks {key!r}")
+    return header, 16 + hlen
+
+
+def parse_shard(data: bytes | bytearray | memoryview, source: str) -> ShardView:
+    """Parse a whole shard file's bytes (errors name ``source``)."""
+    # A writable buffer lets uncompressed blobs become tensors without a copy or a warning.
+    mv = memoryview(bytearray(data) if isinstance(data, bytes) else data)
+    header, hn = parse_header(mv, source)
+    view = ShardView(header, mv[hn:], source, hn)
+    end = view._payload_len()
+    if view.chunked:
+        regions = [view.params_info(), *header["chunks"]]
+        end = max([end, *(int(r["offset"]) + int(r["nbytes"]) for r in regions)])
+    if end != len(view.payload):
         raise CacheError(
-            f"shard {source}: payload is {len(payload)} bytes but the header describes {end}"
-            " (truncated or padded file)"
+            f"shard {source}: payload is {len(view.payload)} bytes but the header describes "
+            f"{end} (truncated or padded file)"
         )
-    return ShardView(header, payload, source)
+    return view
 
 
 def read_shard_file(path: str | Path, *, nbytes: int | None = None,
-                    sha256: str | None = None) -> ShardView:
-    """Read a shard, checking its size and sha256 against the manifest's values when given."""
-    path = Path(path)
+                    sha256: str | None = None, store: Store | None = None) -> ShardView:
+    """Read a whole shard, checking its size and sha256 against the manifest's values if given.
+
+    ``path`` is a file path, or a file name within ``store``.
+    """
+    if store is None:
+        s = str(path)
+        if is_url(s):
+            parent, _, name = s.rpartition("/")
+        else:
+            parent, name = str(Path(s).parent), Path(s).name
+        store = Store(parent)
+    else:
+        name = str(path)
+    where = store.path(name)
     try:
-        with open(path, "rb") as f:
-            data = bytearray(os.fstat(f.fileno()).st_size)
-            n = f.readinto(data)
-            del data[n:]
+        data = store.read(name)
     except FileNotFoundError:
-        raise CacheError(f"shard {path} is missing") from None
+        raise CacheError(f"shard {where} is missing") from None
     if nbytes is not None and len(data) != nbytes:
         raise CacheError(
-            f"shard {path}: {len(data)} bytes on disk, manifest says {nbytes} (truncated or "
+            f"shard {where}: {len(data)} bytes on disk, manifest says {nbytes} (truncated or "
             "overwritten)"
         )
     if sha256 is not None:
         got = sha256_hex(data)
         if got != sha256:
-            raise CacheError(f"shard {path}: sha256 {got[:16]}... does not match the manifest's "
+            raise CacheError(f"shard {where}: sha256 {got[:16]}... does not match the manifest's "
                              f"{sha256[:16]}... (corrupt file)")
-    return parse_shard(data, str(path))
+    return parse_shard(data, where)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -790,6 +546,40 @@ class ShardEntry:
     seq_end: int = 0
     fvu_x: list[float] | None = None  # per-layer quantisation FVU (lossy codecs)
     fvu_y: list[float] | None = None
+    # format 2: per-layer worst channel FVU and which channel; chunking; the header's checksum
+    chan_fvu_x: list[float] | None = None
+    chan_fvu_y: list[float] | None = None
+    chan_argmax_x: list[int] | None = None
+    chan_argmax_y: list[int] | None = None
+    chunk_tokens: int | None = None
+    header_nbytes: int | None = None
+    header_sha256: str | None = None
+
+    def chunk_sizes(self) -> list[int]:
+        """Token counts of the shard's chunks (format 1: the whole shard is one chunk)."""
+        if not self.chunk_tokens:
+            return [self.n_tokens] if self.n_tokens else []
+        return [hi - lo for lo, hi in chunk_bounds(self.n_tokens, self.chunk_tokens)]
+
+
+def shard_entry(file: str, parts: list[bytes], *, seq_start: int = 0, seq_end: int = 0
+                ) -> ShardEntry:
+    """The manifest entry of a shard given as ``encode_shard`` parts."""
+    head = shard_header_bytes(parts)
+    header = json.loads(parts[2])
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    t = header["tensors"]
+    return ShardEntry(
+        file=file, n_tokens=int(header["n_tokens"]), nbytes=sum(len(p) for p in parts),
+        sha256=h.hexdigest(), seq_start=seq_start, seq_end=seq_end,
+        fvu_x=t["x"].get("fvu"), fvu_y=t["y"].get("fvu"),
+        chan_fvu_x=t["x"].get("chan_fvu_max"), chan_fvu_y=t["y"].get("chan_fvu_max"),
+        chan_argmax_x=t["x"].get("chan_fvu_argmax"), chan_argmax_y=t["y"].get("chan_fvu_argmax"),
+        chunk_tokens=int(header["chunk_tokens"]), header_nbytes=len(head),
+        header_sha256=sha256_hex(head),
+    )
 
 
 @dataclass
@@ -818,12 +608,45 @@ class CacheManifest:
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.shards)
 
+    def error_bound(self) -> dict[str, Any] | None:
+        try:
+            return codec_from_config(self.codec).error_bound()
+        except CacheError:
+            return None
+
     def max_fvu(self, tensor: str) -> list[float] | None:
         """Worst per-layer quantisation FVU over the shards for ``tensor`` in {"x", "y"}."""
         rows = [getattr(s, f"fvu_{tensor}") for s in self.shards]
         if not rows or any(r is None for r in rows):
             return None
         return [max(r[i] for r in rows) for i in range(self.n_layers)]
+
+    def max_channel_fvu(self, tensor: str) -> list[tuple[float, int]] | None:
+        """Per layer: (worst channel FVU over the shards, that channel), or None (format 1).
+
+        An upper bound of the channel's FVU over the whole cache (shard sums add up).
+        """
+        rows = [(getattr(s, f"chan_fvu_{tensor}"), getattr(s, f"chan_argmax_{tensor}"))
+                for s in self.shards]
+        if not rows or any(v is None or i is None for v, i in rows):
+            return None
+        out = []
+        for layer in range(self.n_layers):
+            v, i = max(((v[layer], i[layer]) for v, i in rows), key=lambda p: p[0])
+            out.append((float(v), int(i)))
+        return out
+
+    def worst_channel(self) -> dict[str, Any] | None:
+        """The worst (tensor, layer, channel) quantisation FVU in the cache, or None."""
+        best = None
+        for t in TENSORS:
+            rows = self.max_channel_fvu(t)
+            if rows is None:
+                return None
+            for layer, (v, c) in enumerate(rows):
+                if best is None or v > best["fvu"]:
+                    best = {"tensor": t, "layer": layer, "channel": c, "fvu": v}
+        return best
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -833,7 +656,11 @@ class CacheManifest:
             "output": self.hooks.output_names(self.n_layers),
         }
         d["n_tokens"] = self.n_tokens
+        d["error_bound"] = self.error_bound()
         d["quant_fvu"] = {"x": self.max_fvu("x"), "y": self.max_fvu("y")}
+        chan = {t: self.max_channel_fvu(t) for t in TENSORS}
+        d["channel_fvu"] = {t: None if v is None else [r[0] for r in v] for t, v in chan.items()}
+        d["worst_channel"] = self.worst_channel()
         return d
 
     @classmethod
@@ -848,38 +675,42 @@ class CacheManifest:
             )
         try:
             d = dict(d)
-            d.pop("hook_names", None)
-            d.pop("n_tokens", None)
-            d.pop("quant_fvu", None)
+            for derived in ("hook_names", "n_tokens", "quant_fvu", "error_bound", "channel_fvu",
+                            "worst_channel"):
+                d.pop(derived, None)
             d["hooks"] = HookSpec.from_dict(d["hooks"])
             d["shards"] = [ShardEntry(**s) for s in d["shards"]]
             for s in d["shards"]:
                 if not isinstance(s.file, str) or Path(s.file).name != s.file or \
-                        s.file.startswith("."):
-                    raise ValueError(f"shard file {s.file!r} is not a plain file name")
+                        s.file.startswith(".") or "/" in s.file:
+                    raise InputError(f"shard file {s.file!r} is not a plain file name")
             return cls(**d)
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"{source}: malformed manifest ({type(e).__name__}: {e})") from None
 
 
-def read_manifest(cache_dir: str | Path) -> CacheManifest:
-    path = Path(cache_dir) / MANIFEST_NAME
-    if not path.is_file():
-        hint = ""
-        if (Path(cache_dir) / "jobs").is_dir():
-            hint = (" (generation jobs left records in jobs/: finish them, then run "
-                    f"'clt-lens cache --merge {cache_dir}')")
-        elif not Path(cache_dir).is_dir():
-            hint = " (the directory does not exist)"
-        raise CacheError(f"cache manifest {path} is missing{hint}")
+def read_manifest(cache_dir: str | Path | Store) -> CacheManifest:
+    store = as_store(cache_dir)
+    where = store.path(MANIFEST_NAME)
     try:
-        data = json.loads(path.read_text())
+        raw = store.read(MANIFEST_NAME)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        hint = ""
+        if store.sizes("jobs"):
+            hint = (" (generation jobs left records in jobs/: finish them, then run "
+                    f"'clt-lens cache --merge {store}')")
+        elif not store.is_dir():
+            hint = " (the directory does not exist)"
+        raise CacheError(f"cache manifest {where} is missing{hint}") from None
+    try:
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"cache manifest {path} is not valid JSON ({e})") from None
+        raise CacheError(f"cache manifest {where} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise CacheError(f"cache manifest {path} must hold a JSON object")
-    return CacheManifest.from_dict(data, str(path))
+        raise CacheError(f"cache manifest {where} must hold a JSON object")
+    return CacheManifest.from_dict(data, where)
 
 
-def write_manifest(cache_dir: str | Path, manifest: CacheManifest) -> None:
-    atomic_write_json(Path(cache_dir) / MANIFEST_NAME, manifest.to_dict())
+def write_manifest(cache_dir: str | Path | Store, manifest: CacheManifest) -> None:
+    as_store(cache_dir).write_json(MANIFEST_NAME, manifest.to_dict())
+

@@ -11,6 +11,15 @@ tries the merge, which writes ``manifest.json`` once every shard exists.
 ``n_tokens`` counts activation tokens: each sequence gives ``context_size - 1`` of them, since
 the BOS position is dropped (``context_size`` with ``exclude_bos: false``). If the dataset ends
 early the cache holds what the stream had (a warning says so).
+
+Why BOS is dropped by default: the BOS position's activations are the same in every sequence
+(position 0 sees only itself), so they carry nothing about the text, and in real language
+models they have outsized norms (attention sinks, massive activations). Kept, they would
+dominate the MSE a CLT is trained on and the variances its normalisation and the codec's
+error bound are computed from. ``exclude_bos: false`` keeps them (e.g. to study the sink).
+
+``out_dir`` may be a local directory or an fsspec URL (``s3://bucket/cache``, ``gs://...``);
+see ``storage``.
 """
 
 from __future__ import annotations
@@ -20,7 +29,6 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,11 +42,12 @@ from clt_lens.cache.format import (
     CacheError,
     CacheManifest,
     ShardEntry,
-    atomic_write_json,
+    auto_chunk_tokens,
     config_hash,
     encode_shard,
     make_codec,
 )
+from clt_lens.cache.storage import Store
 from clt_lens.config import ConfigError, config_to_dict
 
 # Keys that do not change shard contents: jobs may differ in them.
@@ -57,11 +66,14 @@ class CacheConfig:
     output_hook: str = "auto"
     n_tokens: int = 1_000_000  # activation tokens wanted in the cache
     shard_tokens: int = 16_384  # tokens per shard (rounded up to whole sequences)
+    # tokens per independently readable chunk; default: ~1 MiB per layer slice (128..4096)
+    chunk_tokens: int | None = None
     batch_size: int = 32  # sequences per forward pass
     codec: str = DEFAULT_CODEC  # fp32 | fp16 | bf16 | int8 | errbound
     zstd_level: int = 3  # 0 = no zstd
-    target_fvu: float = 1e-3  # errbound: per-layer quantisation FVU bound
-    exclude_bos: bool = True
+    target_fvu: float = 1e-3  # errbound: quantisation FVU bound of every channel (or layer)
+    allocation: str = "channel"  # errbound: bound every "channel" (default) or every "layer"
+    exclude_bos: bool = True  # drop BOS positions (see the module docstring for why)
     bos_token_id: int | None = None  # default: the tokenizer's BOS (else EOS) id
     pad_token_id: int | None = None
     out_dir: str = ""
@@ -73,8 +85,8 @@ class CacheConfig:
     def validate(self) -> None:
         if not self.out_dir:
             raise ConfigError("config key 'out_dir' is required (the cache directory to write)")
-        for key in ("n_tokens", "shard_tokens", "batch_size"):
-            if getattr(self, key) <= 0:
+        for key in ("n_tokens", "shard_tokens", "chunk_tokens", "batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"config key '{key}' must be positive, got {getattr(self, key)}")
         if self.context_size is not None and self.context_size < 2:
             raise ConfigError(f"config key 'context_size' must be >= 2, got {self.context_size}")
@@ -94,6 +106,7 @@ class CacheConfig:
         params: dict[str, Any] = {"zstd_level": self.zstd_level}
         if self.codec == "errbound":
             params["target_fvu"] = self.target_fvu
+            params["allocation"] = self.allocation
         return make_codec(self.codec, **params)
 
     @property
@@ -182,26 +195,28 @@ def plan_for(cfg: CacheConfig, model: Any) -> dict[str, Any]:
         "seqs_per_shard": seqs_per_shard,
         "n_shards": math.ceil(n_seqs / seqs_per_shard),
         "codec": cfg.make_codec().config(),
+        "chunk_tokens": cfg.chunk_tokens or auto_chunk_tokens(int(model.cfg.n_layers),
+                                                              int(model.cfg.d_model)),
     }
 
 
-def _check_saved_config(out: Path, content: dict[str, Any], chash: str | None = None) -> None:
+def _check_saved_config(store: Store, content: dict[str, Any], chash: str | None = None
+                        ) -> None:
     """Refuse to mix configs in one directory (content keys; with ``chash`` also the plan)."""
-    path = out / writer.CONFIG_NAME
-    if not path.is_file():
+    if not store.exists(writer.CONFIG_NAME):
         return
-    saved = writer.read_json(path, "cache config")
+    saved = writer.read_json(store, writer.CONFIG_NAME, "cache config")
     old = saved.get("config", {})
     diffs = [f"{k}: {old.get(k)!r} -> {content.get(k)!r}" for k in sorted(set(old) | set(content))
              if k not in _RUNTIME_KEYS and old.get(k) != content.get(k)]
     if diffs:
         raise CacheError(
-            f"{out} holds a cache generated with a different config ({'; '.join(diffs)}); "
+            f"{store} holds a cache generated with a different config ({'; '.join(diffs)}); "
             "use another out_dir or delete this one"
         )
     if chash is not None and saved.get("config_hash") != chash:
         raise CacheError(
-            f"{out} was generated with the same config but a different plan "
+            f"{store} was generated with the same config but a different plan "
             f"({saved.get('plan')} vs now); did the model {content['model']!r} change?"
         )
 
@@ -224,7 +239,10 @@ def generate_cache(
         raise ConfigError(f"need 0 <= job_index < num_jobs, got job {job_index} of {num_jobs}")
     cfg.validate()
     cfg, model = _resolve_auto_hooks(cfg, model)
-    out = Path(cfg.out_dir)
+    try:
+        out = Store(cfg.out_dir)
+    except ValueError as e:
+        raise ConfigError(f"config key 'out_dir': {e}") from None
     content = cfg.content_dict()
     _check_saved_config(out, content)  # before loading the model
     if model is None:
@@ -232,12 +250,12 @@ def generate_cache(
     validate_hooks(model, cfg.hooks)
     plan = plan_for(cfg, model)
     chash = config_hash({"config": content, "plan": plan})
-    out.mkdir(parents=True, exist_ok=True)
+    out.makedirs()
     _check_saved_config(out, content, chash)
     mid = _model_id(model, cfg.model)
-    if not (out / writer.CONFIG_NAME).is_file():
-        atomic_write_json(out / writer.CONFIG_NAME,
-                          {"config": config_to_dict(cfg), "config_hash": chash, "plan": plan})
+    if not out.exists(writer.CONFIG_NAME):
+        out.write_json(writer.CONFIG_NAME,
+                       {"config": config_to_dict(cfg), "config_hash": chash, "plan": plan})
 
     owned = [k for k in range(plan["n_shards"]) if k % num_jobs == job_index]
     record = writer.JobRecord(out, job_index, num_jobs, config_hash=chash, model_id=mid)
@@ -262,7 +280,8 @@ def generate_cache(
                 if not complete:  # the stream ended inside this shard
                     stream_shards = k + 1
                 if k in todo:
-                    entry = _write_one(out, k, toks, model, cfg, codec, mid, spp)
+                    entry = _write_one(out, k, toks, model, cfg, codec, mid, spp,
+                                       plan["chunk_tokens"])
                     record.add(k, entry)
                     written += entry.nbytes
                     raw += entry.n_tokens * plan["n_layers"] * plan["d_model"] * 4 * 2
@@ -307,14 +326,16 @@ def _resolve_auto_hooks(cfg: CacheConfig, model: Any) -> tuple[CacheConfig, Any]
     return replace(cfg, input_hook=hooks.input_hook, output_hook=hooks.output_hook), model
 
 
-def _resume(out: Path, record: writer.JobRecord, owned: list[int], chash: str) -> set[int]:
+def _resume(store: Store, record: writer.JobRecord, owned: list[int], chash: str) -> set[int]:
     """Adopt finished shards (from any job's record for this config) whose checksum matches."""
-    for k in owned:  # a temp file is a shard whose write was interrupted: redo it
-        for tmp in out.glob(writer.shard_name(k) + "*.tmp"):
-            tmp.unlink(missing_ok=True)
+    sizes = store.sizes()
+    mine = {writer.shard_name(k) for k in owned}
+    for name in sizes:  # a temp file is a shard whose write was interrupted: redo it
+        if name.endswith(".tmp") and name.split(".clts", 1)[0] + ".clts" in mine:
+            store.remove(name)
     done: set[int] = set()
     known: dict[str, list[dict[str, Any]]] = {}
-    for r in writer.load_records(out):
+    for r in writer.load_records(store):
         if r.get("config_hash") != chash:
             continue
         if r.get("job_index") == record.data["job_index"] and \
@@ -324,15 +345,15 @@ def _resume(out: Path, record: writer.JobRecord, owned: list[int], chash: str) -
             known.setdefault(key, []).append(entry)
     for k in owned:
         for entry in known.get(str(k), []):
-            if writer.verified_entry(out, entry):
+            if writer.verified_entry(store, entry, sizes):
                 record.shards[str(k)] = entry
                 done.add(k)
                 break
     return done
 
 
-def _write_one(out: Path, k: int, toks: Tensor, model: Any, cfg: CacheConfig, codec: Any,
-               mid: str, spp: int) -> ShardEntry:
+def _write_one(store: Store, k: int, toks: Tensor, model: Any, cfg: CacheConfig, codec: Any,
+               mid: str, spp: int, chunk_tokens: int) -> ShardEntry:
     xs, ys = [], []
     for chunk in toks.split(cfg.batch_size):
         x, y = collect_activations(
@@ -344,27 +365,17 @@ def _write_one(out: Path, k: int, toks: Tensor, model: Any, cfg: CacheConfig, co
     x, y = torch.cat(xs), torch.cat(ys)
     info = {"shard": k, "seq_start": k * spp, "seq_end": k * spp + toks.shape[0],
             "model_id": mid, "hooks": cfg.hooks.to_dict()}
-    chunks = encode_shard(x, y, codec, info)
+    parts = encode_shard(x, y, codec, info, chunk_tokens=chunk_tokens)
     name = writer.shard_name(k)
     try:
-        nbytes, digest = writer.write_shard(out / name, chunks)
+        return writer.write_shard(store, name, parts, seq_start=info["seq_start"],
+                                  seq_end=info["seq_end"])
     except OSError as e:
         hint = " (disk full)" if e.errno == errno.ENOSPC else ""
         raise OSError(
-            e.errno, f"writing shard {out / name} failed{hint}: {e.strerror or e}. Finished "
-            "shards are kept; re-run the same command to resume."
+            e.errno, f"writing shard {store.path(name)} failed{hint}: {e.strerror or e}. "
+            "Finished shards are kept; re-run the same command to resume."
         ) from e
-    tensors = chunks_header_fvu(chunks)
-    return ShardEntry(file=name, n_tokens=int(x.shape[0]), nbytes=nbytes, sha256=digest,
-                      seq_start=info["seq_start"], seq_end=info["seq_end"],
-                      fvu_x=tensors.get("x"), fvu_y=tensors.get("y"))
-
-
-def chunks_header_fvu(chunks: list[bytes]) -> dict[str, list[float]]:
-    import json
-
-    header = json.loads(chunks[2])
-    return {t: m["fvu"] for t, m in header["tensors"].items() if "fvu" in m}
 
 
 class _NoBar:

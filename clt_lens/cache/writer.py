@@ -1,13 +1,16 @@
 """Writing shards atomically, per-job progress records, and the merge that writes the manifest.
 
 Generation can be split over independent jobs (job i of n writes shards k with k % n == i).
-Each job keeps a record ``jobs/job-{i}-of-{n}.json`` listing the shards it finished (file, token
-count, byte size, sha256, per-layer quantisation FVU), rewritten atomically after every shard.
-A shard file appears only complete (temp file + fsync + rename) and is listed only after it is
-on disk, so a job killed at any point (SIGKILL, full disk) leaves every listed shard intact, and
-the next run redoes just the rest. ``merge_cache`` gathers the records, checks that every shard
-of the plan is present with the recorded size (and sha256 with ``verify=True``) and writes
-``manifest.json`` atomically; readers refuse a directory without one.
+Each job keeps a record ``jobs/job-{i}-of-{n}.json`` listing the shards it finished (their
+manifest entries: token count, byte size, sha256, header checksum, quantisation FVU),
+rewritten atomically after every shard. A shard file appears only complete (see
+``storage.Store.write_atomic``) and is listed only after it is written, so a job killed at any
+point (SIGKILL, full disk) leaves every listed shard intact, and the next run redoes just the
+rest. ``merge_cache`` gathers the records, checks that every shard of the plan is present with
+the recorded size (and sha256 with ``verify=True``) and writes ``manifest.json`` atomically;
+readers refuse a directory without one.
+
+``write_cache`` writes activations already in memory as a cache (no model, no jobs).
 """
 
 from __future__ import annotations
@@ -17,18 +20,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from clt_lens.activations import HookSpec
+from clt_lens.cache.codecs import Codec, make_codec
 from clt_lens.cache.format import (
     SHARD_SUFFIX,
     CacheError,
     CacheManifest,
     ShardEntry,
-    atomic_write_bytes,
-    atomic_write_json,
-    sha256_file,
-    sha256_hex,
+    encode_shard,
+    shard_entry,
     write_manifest,
 )
+from clt_lens.cache.storage import Store, as_store
 
 CONFIG_NAME = "cache_config.json"
 JOBS_DIR = "jobs"
@@ -38,35 +43,36 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}{SHARD_SUFFIX}"
 
 
-def job_record_path(out_dir: str | Path, job_index: int, num_jobs: int) -> Path:
-    return Path(out_dir) / JOBS_DIR / f"job-{job_index}-of-{num_jobs}.json"
+def job_record_name(job_index: int, num_jobs: int) -> str:
+    return f"{JOBS_DIR}/job-{job_index}-of-{num_jobs}.json"
 
 
-def write_shard(path: Path, chunks: list[bytes]) -> tuple[int, str]:
-    """Write a shard atomically; return (byte size, sha256)."""
-    atomic_write_bytes(path, chunks)
-    data = b"".join(chunks)
-    return len(data), sha256_hex(data)
+def write_shard(store: Store, name: str, parts: list[bytes], *, seq_start: int = 0,
+                seq_end: int = 0) -> ShardEntry:
+    """Write a shard atomically; return its manifest entry."""
+    store.write_atomic(name, parts)
+    return shard_entry(name, parts, seq_start=seq_start, seq_end=seq_end)
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(store: Store, name: str, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(store.read(name))
     except FileNotFoundError:
-        raise CacheError(f"{what} {path} is missing") from None
+        raise CacheError(f"{what} {store.path(name)} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{what} {path} is not valid JSON ({e})") from None
+        raise CacheError(f"{what} {store.path(name)} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise CacheError(f"{what} {path} must hold a JSON object")
+        raise CacheError(f"{what} {store.path(name)} must hold a JSON object")
     return data
 
 
 class JobRecord:
     """Progress of one generation job; saved atomically after every finished shard."""
 
-    def __init__(self, out_dir: Path, job_index: int, num_jobs: int, *, config_hash: str,
+    def __init__(self, store: Store, job_index: int, num_jobs: int, *, config_hash: str,
                  model_id: str) -> None:
-        self.path = job_record_path(out_dir, job_index, num_jobs)
+        self.store = store
+        self.name = job_record_name(job_index, num_jobs)
         self.data: dict[str, Any] = {
             "job_index": job_index, "num_jobs": num_jobs, "config_hash": config_hash,
             "model_id": model_id, "shards": {}, "stream_shards": None, "done": False,
@@ -81,71 +87,69 @@ class JobRecord:
         self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, self.data)
+        self.store.makedirs(JOBS_DIR)
+        self.store.write_json(self.name, self.data)
 
 
-def load_records(out_dir: Path) -> list[dict[str, Any]]:
-    jobs = Path(out_dir) / JOBS_DIR
-    if not jobs.is_dir():
-        return []
-    return [read_json(p, "job record") for p in sorted(jobs.glob("job-*-of-*.json"))]
+def load_records(store: Store) -> list[dict[str, Any]]:
+    names = sorted(n for n in store.sizes(JOBS_DIR)
+                   if n.startswith("job-") and n.endswith(".json") and "-of-" in n)
+    return [read_json(store, f"{JOBS_DIR}/{n}", "job record") for n in names]
 
 
-def verified_entry(out_dir: Path, entry: dict[str, Any]) -> bool:
-    """Whether a recorded shard is on disk with the recorded size and sha256."""
-    path = Path(out_dir) / entry["file"]
+def verified_entry(store: Store, entry: dict[str, Any], sizes: dict[str, int] | None = None
+                   ) -> bool:
+    """Whether a recorded shard is there with the recorded size and sha256."""
     try:
-        if path.stat().st_size != entry["nbytes"]:
-            return False
-    except FileNotFoundError:
+        size = sizes[entry["file"]] if sizes is not None else store.size(entry["file"])
+    except (FileNotFoundError, KeyError):
         return False
-    return sha256_file(path) == entry["sha256"]
+    if size != entry["nbytes"]:
+        return False
+    return store.sha256(entry["file"]) == entry["sha256"]
 
 
-def merge_cache(out_dir: str | Path, *, verify: bool = False) -> CacheManifest:
+def merge_cache(out_dir: str | Path | Store, *, verify: bool = False) -> CacheManifest:
     """Check that every shard of the plan is present and write ``manifest.json`` atomically.
 
     Shard sizes are always checked; ``verify=True`` also recomputes every sha256 (readers check
-    them anyway when they read a shard). Raises ``CacheError`` naming missing or bad shards.
+    the header and every chunk they read anyway). Raises ``CacheError`` naming missing or bad
+    shards.
     """
-    out = Path(out_dir)
-    cfg_file = out / CONFIG_NAME
-    if not cfg_file.is_file():
+    store = as_store(out_dir)
+    if not store.exists(CONFIG_NAME):
         raise CacheError(
-            f"{out} is not a cache being generated: {cfg_file} is missing"
-            + (" (the directory does not exist)" if not out.is_dir() else "")
+            f"{store} is not a cache being generated: {store.path(CONFIG_NAME)} is missing"
+            + (" (the directory does not exist)" if not store.is_dir() else "")
         )
-    saved = read_json(cfg_file, "cache config")
+    saved = read_json(store, CONFIG_NAME, "cache config")
     plan, chash = saved["plan"], saved["config_hash"]
-    records = [r for r in load_records(out) if r.get("config_hash") == chash]
+    records = [r for r in load_records(store) if r.get("config_hash") == chash]
     if not records:
-        raise CacheError(f"{out}: no job records for this cache config in {out / JOBS_DIR}")
+        raise CacheError(f"{store}: no job records for this cache config in "
+                         f"{store.path(JOBS_DIR)}")
     model_ids = sorted({r["model_id"] for r in records})
     if len(model_ids) > 1:
-        raise CacheError(f"{out}: job records disagree on the model: {model_ids}")
+        raise CacheError(f"{store}: job records disagree on the model: {model_ids}")
     n_shards = plan["n_shards"]
     ends = [r["stream_shards"] for r in records if r.get("stream_shards") is not None]
     if ends:
         n_shards = min([n_shards, *ends])
+    sizes = store.sizes()
     entries: list[ShardEntry] = []
     missing, bad = [], []
     for k in range(n_shards):
         candidates = [r["shards"][str(k)] for r in records if str(k) in r["shards"]]
-        if not candidates:
+        if not candidates or candidates[0]["file"] not in sizes:
             missing.append(k)
             continue
-        path = out / candidates[0]["file"]
-        if not path.is_file():
-            missing.append(k)
-            continue
-        size = path.stat().st_size
-        ok = [c for c in candidates if c["nbytes"] == size]
+        name = candidates[0]["file"]
+        ok = [c for c in candidates if c["nbytes"] == sizes[name]]
         if ok and verify:
-            digest = sha256_file(path)
+            digest = store.sha256(name)
             ok = [c for c in ok if c["sha256"] == digest]
         if not ok:
-            bad.append(path.name)
+            bad.append(name)
             continue
         entries.append(ShardEntry(**ok[0]))
     if missing or bad:
@@ -157,7 +161,7 @@ def merge_cache(out_dir: str | Path, *, verify: bool = False) -> CacheManifest:
         if bad:
             parts.append(f"shards not matching their job records: {bad[:10]}")
         raise CacheError(
-            f"cannot merge {out}: " + "; ".join(parts)
+            f"cannot merge {store}: " + "; ".join(parts)
             + ". Run the missing generation jobs (re-running a job resumes it), then merge again."
         )
     cfg = saved["config"]
@@ -176,11 +180,57 @@ def merge_cache(out_dir: str | Path, *, verify: bool = False) -> CacheManifest:
         config_hash=chash,
         config=cfg,
     )
-    write_manifest(out, manifest)
+    write_manifest(store, manifest)
+    return manifest
+
+
+def write_cache(
+    out_dir: str | Path | Store,
+    x: Tensor,
+    y: Tensor,
+    *,
+    codec: Codec | str = "errbound",
+    shard_tokens: int = 16_384,
+    chunk_tokens: int | None = None,
+    hooks: HookSpec | None = None,
+    model_id: str = "arrays",
+    model_name: str = "arrays",
+    context_size: int = 0,
+    dataset: str = "arrays",
+    split: str = "train",
+) -> CacheManifest:
+    """Write token-aligned activations ``x``, ``y`` ``[N, L, d]`` as a cache, in token order.
+
+    For activations collected some other way (and for tests and benchmarks); the result reads
+    like a generated cache. The directory must not hold a cache already.
+    """
+    store = as_store(out_dir)
+    if store.exists("manifest.json"):
+        raise CacheError(f"{store} already holds a cache; write to another directory")
+    if x.shape != y.shape or x.ndim != 3:
+        raise CacheError(f"x and y must both be [N, L, d]; got {tuple(x.shape)}, {tuple(y.shape)}")
+    if shard_tokens <= 0:
+        raise CacheError(f"shard_tokens must be positive, got {shard_tokens}")
+    codec = make_codec(codec) if isinstance(codec, str) else codec
+    store.makedirs()
+    entries = []
+    n = x.shape[0]
+    for k, lo in enumerate(range(0, n, shard_tokens)):
+        hi = min(n, lo + shard_tokens)
+        parts = encode_shard(x[lo:hi], y[lo:hi], codec, {"shard": k, "token_start": lo},
+                             chunk_tokens=chunk_tokens)
+        entries.append(write_shard(store, shard_name(k), parts, seq_start=lo, seq_end=hi))
+    manifest = CacheManifest(
+        model_id=model_id, model_name=model_name, hooks=hooks or HookSpec(),
+        n_layers=int(x.shape[1]), d_model=int(x.shape[2]), context_size=context_size,
+        dataset=dataset, split=split, seed=0, codec=codec.config(), shards=entries,
+        config_hash=f"arrays-{entries[0].sha256[:8] if entries else 'empty'}-{n}",
+    )
+    write_manifest(store, manifest)
     return manifest
 
 
 __all__ = [
-    "CONFIG_NAME", "JobRecord", "atomic_write_bytes", "job_record_path", "load_records",
-    "merge_cache", "shard_name", "verified_entry", "write_shard",
+    "CONFIG_NAME", "JobRecord", "job_record_name", "load_records", "merge_cache", "shard_name",
+    "verified_entry", "write_cache", "write_shard",
 ]

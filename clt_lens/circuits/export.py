@@ -191,9 +191,10 @@ def write_circuit_tracer_set(
         from clt_lens.clt import CLTConfig
 
         cfg = CLTConfig.from_dict({**read_clt_config(source), "device": "cpu"})
-        weights = _Weights(TensorReader(resolve_checkpoint_dir(source), WEIGHTS_STEM))
+        reader = TensorReader(resolve_checkpoint_dir(source), WEIGHTS_STEM)
+        weights = _Weights(reader)
     else:
-        clt = load_clt(clt_or_checkpoint_dir)
+        clt, reader = load_clt(clt_or_checkpoint_dir), None
         cfg, weights = clt.cfg, _Weights(clt)
     resolved = resolve_layout(cfg, layout)
     model_name = model_name or cfg.metadata.model_name
@@ -229,6 +230,9 @@ def write_circuit_tracer_set(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if reader is not None:
+            reader.close()
     return out
 
 

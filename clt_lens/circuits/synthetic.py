@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from clt_lens.errors import InputError
+
 
 @torch.no_grad()
 def random_clt(
@@ -34,9 +36,9 @@ def random_clt(
     from clt_lens.clt import CLTConfig, CrossLayerTranscoder
 
     if activation not in ("jumprelu", "relu"):
-        raise ValueError(f"activation must be 'jumprelu' or 'relu', got {activation!r}")
+        raise InputError(f"activation must be 'jumprelu' or 'relu', got {activation!r}")
     if not 0 < frac_active < 1:
-        raise ValueError(f"frac_active must be in (0, 1), got {frac_active}")
+        raise InputError(f"frac_active must be in (0, 1), got {frac_active}")
     cfg_m = model.cfg
     gen = torch.Generator().manual_seed(seed)
     if tokens is None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from clt_lens.circuits.errors import CircuitsError
 from clt_lens.circuits.viewer_data import FEATURES_SUBDIR, cantor_pair, scan_dirname
+from clt_lens.errors import CLTLensError
 
 LIMITS = {
     "max_request_bytes": 64 * 1024,
@@ -42,7 +43,7 @@ _INTERVENTION_KEYS = ("layer", "feature", "position", "op", "value", "unit")
 FEATURE_TYPE = "cross layer transcoder"
 
 
-class WorkbenchError(Exception):
+class WorkbenchError(CLTLensError):
     """A request the endpoint refuses: ``status`` is the HTTP status, ``message`` the reason."""
 
     def __init__(self, status: int, message: str) -> None:

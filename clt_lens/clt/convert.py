@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from clt_lens.clt.activation_fns import topk_indices
 from clt_lens.clt.model import CrossLayerTranscoder
+from clt_lens.errors import InputError
 
 # Smallest threshold written: log_threshold must be finite and the rule needs theta > 0.
 _MIN_THRESHOLD = 1e-6
@@ -38,7 +39,7 @@ def convert_topk_to_jumprelu(
     ``x_sample`` are raw inputs [N, L, d]. All other weights are copied unchanged.
     """
     if clt.cfg.activation not in ("topk", "batchtopk"):
-        raise ValueError(
+        raise InputError(
             f"convert_topk_to_jumprelu needs a topk/batchtopk CLT, got '{clt.cfg.activation}'"
         )
     clt.check_activations(x_sample, "x_sample")

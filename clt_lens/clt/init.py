@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from clt_lens.errors import InputError
+
 INIT_BLOCK = 256  # features per random stream; fixed, so streams do not depend on the world size
 
 
@@ -58,7 +60,7 @@ def init_clt_(clt, *, seed: int, feature_start: int = 0, total_features: int | N
     cfg = clt.cfg
     total = total_features if total_features is not None else cfg.d_sae
     if feature_start < 0 or feature_start + cfg.d_sae > total:
-        raise ValueError(
+        raise InputError(
             f"feature slice [{feature_start}, {feature_start + cfg.d_sae}) is outside "
             f"[0, {total})"
         )

@@ -40,6 +40,7 @@ from clt_lens.clt.sparse import (
     sparse_decode,
     sparse_decode_with_norms,
 )
+from clt_lens.errors import InputError
 
 if TYPE_CHECKING:
     from clt_lens.clt.model import CrossLayerTranscoder, ReduceFn
@@ -96,10 +97,10 @@ def training_forward(
     clt.check_activations(x_raw, "x_raw")
     clt.check_activations(y_raw, "y_raw")
     if x_raw.shape[0] != y_raw.shape[0]:
-        raise ValueError(f"x_raw has {x_raw.shape[0]} rows but y_raw has {y_raw.shape[0]}")
+        raise InputError(f"x_raw has {x_raw.shape[0]} rows but y_raw has {y_raw.shape[0]}")
     shape_lf = (clt.n_layers, clt.n_features)
     if dead_mask is not None and tuple(dead_mask.shape) != shape_lf:
-        raise ValueError(
+        raise InputError(
             f"dead_mask must be [n_layers, d_sae] = {list(shape_lf)}, got {tuple(dead_mask.shape)}"
         )
     sparsity_coeff = cfg.sparsity_coeff if sparsity_coeff is None else sparsity_coeff

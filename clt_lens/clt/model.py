@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from clt_lens.clt.activation_fns import topk_indices
 from clt_lens.clt.config import SPARSE_MIN_ELEMENTS, CLTConfig
 from clt_lens.clt.sparse import Support, dense_decode, sparse_decode
+from clt_lens.errors import InputError
 
 ReduceFn = Callable[[Tensor], Tensor]
 
@@ -123,14 +124,14 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         expected = (self.n_layers, self.d_model)
         if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != expected:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(
+            raise InputError(
                 f"{name} must be [batch, n_layers={expected[0]}, d_model={expected[1]}], "
                 f"got {shape}"
             )
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer {layer} out of range for a CLT with {self.n_layers} layers")
+            raise InputError(f"layer {layer} out of range for a CLT with {self.n_layers} layers")
 
     # Normalisation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -146,7 +147,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         for name, t in (("x_raw", x_raw), ("y_raw", y_raw)):
             msq = t.double().pow(2).sum(-1).mean(0)
             if not torch.isfinite(msq).all() or (msq <= 0).any():
-                raise ValueError(f"{name}: every layer needs finite, non-zero activations")
+                raise InputError(f"{name}: every layer needs finite, non-zero activations")
             scales.append((self.d_model / msq).sqrt())
         self.input_scale.copy_(scales[0].to(self.input_scale))
         self.output_scale.copy_(scales[1].to(self.output_scale))
@@ -232,7 +233,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         """Raw input of one layer [..., d] -> that layer's activations [..., F]."""
         self._check_layer(layer)
         if x_layer.shape[-1] != self.d_model:
-            raise ValueError(
+            raise InputError(
                 f"x_layer must end in d_model={self.d_model}, got {tuple(x_layer.shape)}"
             )
         x_n = x_layer.to(self.dtype) * self.input_scale[layer]
@@ -274,7 +275,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         out = partial + self.b_dec
         if self.cfg.skip:
             if x_lbd is None:
-                raise ValueError("this CLT has a skip connection: decode needs x_raw")
+                raise InputError("this CLT has a skip connection: decode needs x_raw")
             out = out + torch.bmm(x_lbd, self.W_skip).transpose(0, 1)
         return out
 
@@ -285,7 +286,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         """
         expected = (self.n_layers, self.n_features)
         if feature_acts.dim() != 3 or tuple(feature_acts.shape[1:]) != expected:
-            raise ValueError(
+            raise InputError(
                 f"feature_acts must be [batch, n_layers={expected[0]}, d_sae={expected[1]}], "
                 f"got {tuple(feature_acts.shape)}"
             )
@@ -293,7 +294,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         if x_raw is not None:
             self.check_activations(x_raw, "x_raw")
             if x_raw.shape[0] != feature_acts.shape[0]:
-                raise ValueError(
+                raise InputError(
                     f"x_raw has {x_raw.shape[0]} rows but feature_acts has {feature_acts.shape[0]}"
                 )
             x_lbd = self.normalize_inputs(x_raw)
@@ -312,7 +313,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         """
         self._check_layer(target)
         if len(acts_by_source) < target + 1:
-            raise ValueError(
+            raise InputError(
                 f"decode_layer({target}) needs activations of sources 0..{target}, "
                 f"got {len(acts_by_source)}"
             )
@@ -323,7 +324,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
             out = out + acts_by_source[i].to(self.dtype) @ w
         if self.cfg.skip:
             if x_target is None:
-                raise ValueError("this CLT has a skip connection: decode_layer needs x_target")
+                raise InputError("this CLT has a skip connection: decode_layer needs x_target")
             x_n = x_target.to(self.dtype) * self.input_scale[target]
             out = out + x_n @ self.W_skip[target]
         return out / self.output_scale[target]
@@ -394,7 +395,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
     def fold_W_dec_norm(self) -> None:
         """Rescale features so every decoder has unit norm (ReLU/JumpReLU only)."""
         if self.cfg.activation not in ("relu", "jumprelu"):
-            raise ValueError(
+            raise InputError(
                 f"fold_W_dec_norm changes which features win a top-k; not valid for "
                 f"activation '{self.cfg.activation}'"
             )

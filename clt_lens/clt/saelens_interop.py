@@ -26,6 +26,7 @@ from torch import Tensor
 
 from clt_lens.clt.config import CLTConfig, CLTTrainingConfig
 from clt_lens.clt.model import CrossLayerTranscoder
+from clt_lens.errors import InputError
 
 ARCHITECTURE = "clt"
 
@@ -68,7 +69,7 @@ class TrainingCrossLayerTranscoder(CrossLayerTranscoder, TrainingSAE):  # type: 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         sae_in = step_input.sae_in
         if sae_in.dim() != 4 or sae_in.shape[1] != 2:
-            raise ValueError(
+            raise InputError(
                 "TrainingCrossLayerTranscoder expects sae_in = stack([x_raw, y_raw], 1) "
                 f"[B, 2, L, d], got {tuple(sae_in.shape)}"
             )
@@ -110,7 +111,7 @@ def register() -> None:
     ):
         current = registry.get(ARCHITECTURE)
         if current is not None and current[0].__module__ != entry[0].__module__:
-            raise ValueError(
+            raise InputError(
                 f"SAELens architecture '{ARCHITECTURE}' is already registered by "
                 f"{current[0].__module__}.{current[0].__qualname__}"
             )
@@ -135,7 +136,7 @@ def layer_transcoder(clt: CrossLayerTranscoder, layer: int) -> Transcoder:
     clt._check_layer(layer)
     act = clt.cfg.activation
     if act == "topk":
-        raise ValueError(
+        raise InputError(
             "a TopK CLT has no per-layer transcoder view (top-k is not elementwise); convert it "
             "with clt_lens.clt.convert_topk_to_jumprelu(clt, x_sample) first"
         )

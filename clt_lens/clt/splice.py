@@ -15,22 +15,23 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from clt_lens.clt.model import CrossLayerTranscoder
+from clt_lens.errors import InputError
 
 
 def check_model_matches(model: HookedTransformer, clt: CrossLayerTranscoder) -> None:
     """Raise ValueError unless ``clt`` fits ``model`` (layers, width, hooks)."""
     if model.cfg.n_layers != clt.n_layers:
-        raise ValueError(
+        raise InputError(
             f"the CLT has {clt.n_layers} layers but the model has n_layers={model.cfg.n_layers}"
         )
     if model.cfg.d_model != clt.d_model:
-        raise ValueError(
+        raise InputError(
             f"the CLT has d_in={clt.d_model} but the model has d_model={model.cfg.d_model}"
         )
     for layer in range(clt.n_layers):
         for name in (clt.cfg.input_hook_name(layer), clt.cfg.output_hook_name(layer)):
             if name not in model.hook_dict:
-                raise ValueError(f"hook '{name}' (from the CLT's config) is not in the model")
+                raise InputError(f"hook '{name}' (from the CLT's config) is not in the model")
 
 
 def run_with_clt(
@@ -56,7 +57,7 @@ def run_with_clt(
     replaced = set(range(n_layers)) if layers is None else set(layers)
     bad = sorted(j for j in replaced if not (isinstance(j, int) and 0 <= j < n_layers))
     if bad:
-        raise ValueError(f"layers {bad} out of range for a model with {n_layers} layers")
+        raise InputError(f"layers {bad} out of range for a model with {n_layers} layers")
     if not replaced:
         return model(tokens, return_type=return_type, **forward_kwargs)
     last = max(replaced)
@@ -75,7 +76,7 @@ def run_with_clt(
             sources = range(layer + 1) if clt.cfg.cross_layer else [layer]
             missing = [i for i in sources if i not in acts]
             if missing:
-                raise RuntimeError(
+                raise InputError(
                     f"input hook(s) of layer(s) {missing} did not run before "
                     f"{clt.cfg.output_hook_name(layer)}; check the CLT's hook names"
                 )

@@ -7,8 +7,8 @@ of every tensor with a feature axis, and shard 0 also holds the replicated tenso
 ``shards.json``, the index: the full shape and feature axis of every tensor. Optimizer state
 follows the same scheme under the stem ``optimizer``.
 
-:class:`TensorReader` reads either layout by tensor name, whole or as a feature slice, using
-``safe_open(...).get_slice`` so only the bytes asked for are read.
+:class:`TensorReader` reads either layout by tensor name, whole or as a feature slice, reading
+only the bytes asked for (``pread`` into buffers it owns: no mapping of the files).
 :func:`write_safetensors_streaming` writes a safetensors file tensor by tensor (or chunk by
 chunk), so consolidating a sharded checkpoint never holds more than one chunk in memory.
 """
@@ -16,6 +16,7 @@ chunk), so consolidating a sharded checkpoint never holds more than one chunk in
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -24,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from clt_lens.config import ConfigError
+from clt_lens.errors import InputError
 
 WEIGHTS_STEM = "sae_weights"
 OPTIMIZER_STEM = "optimizer"
@@ -118,7 +119,7 @@ def write_safetensors_streaming(
     offset = 0
     for spec in specs:
         if spec.dtype not in _DTYPES:
-            raise ValueError(f"{spec.name}: dtype {spec.dtype} cannot be written")
+            raise InputError(f"{spec.name}: dtype {spec.dtype} cannot be written")
         header[spec.name] = {"dtype": _DTYPES[spec.dtype], "shape": list(spec.shape),
                              "data_offsets": [offset, offset + spec.nbytes]}  # fmt: skip
         offset += spec.nbytes
@@ -134,14 +135,14 @@ def write_safetensors_streaming(
             written = 0
             for chunk in chunks(spec):
                 if chunk.dtype != spec.dtype:
-                    raise ValueError(f"{spec.name}: chunk dtype {chunk.dtype} != {spec.dtype}")
+                    raise InputError(f"{spec.name}: chunk dtype {chunk.dtype} != {spec.dtype}")
                 data = chunk.detach().to("cpu").contiguous()
                 if data.dtype == torch.bfloat16:  # numpy has no bf16: write its bit pattern
                     data = data.view(torch.int16)
                 f.write(memoryview(data.numpy()).cast("B"))
                 written += data.numel() * data.element_size()
             if written != spec.nbytes:
-                raise ValueError(f"{spec.name}: wrote {written} bytes, expected {spec.nbytes}")
+                raise InputError(f"{spec.name}: wrote {written} bytes, expected {spec.nbytes}")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -155,10 +156,81 @@ def save_tensors(path: str | Path, tensors: dict[str, Tensor]) -> Path:
 
 
 # ---- reading -------------------------------------------------------------------------------
+_READ_CHUNK = 64 * 2**20  # bytes read per pread while slicing a tensor
+
+
+class _SafetensorsFile:
+    """One safetensors file read with ``pread`` into buffers we own.
+
+    Not mmap: pages of a mapped file count toward the resident set while mapped, so reading a
+    rank's slice through a mapping would show (and, under a cgroup limit, cost) the whole file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # closed by close(), or when garbage-collected
+        self.fd = self._file.fileno()
+        try:
+            n = int.from_bytes(os.pread(self.fd, 8, 0), "little")
+            header = json.loads(os.pread(self.fd, n, 8))
+        except (ValueError, OSError) as e:
+            self._file.close()
+            raise ShardError(f"{path} is not a readable safetensors file: {e}") from None
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.entries = {name: (_TORCH_DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"][0])
+                        for name, e in header.items()}  # fmt: skip
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _pread_into(self, out: Tensor, offset: int) -> None:
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], self.base + offset + done)
+            if n <= 0:
+                raise ShardError(f"{self.path} is truncated")
+            done += n
+
+    def read(self, name: str, dim: int | None = None, lo: int = 0, hi: int | None = None,
+             out: Tensor | None = None) -> Tensor:  # fmt: skip
+        """The tensor, or indices [lo, hi) of dimension ``dim``, into ``out`` if given."""
+        dtype, shape, offset = self.entries[name]
+        esize = torch.empty((), dtype=dtype).element_size()
+        if dim is None:
+            dim, lo, hi = 0, 0, (shape[0] if shape else 1)
+        hi = shape[dim] if hi is None else hi
+        outer = math.prod(shape[:dim])
+        inner = math.prod(shape[dim + 1 :])
+        want = (*shape[:dim], hi - lo, *shape[dim + 1 :]) if shape else ()
+        if out is None:
+            out = torch.empty(want, dtype=dtype)
+        elif tuple(out.shape) != want or out.dtype != dtype or not out.is_contiguous():
+            raise ShardError(f"{self.path}: {name} slice is {want} {dtype}, the buffer is "
+                             f"{tuple(out.shape)} {out.dtype}")  # fmt: skip
+        if not shape or (lo == 0 and hi == shape[dim]) or outer == 1:
+            start = offset + lo * inner * esize
+            self._pread_into(out, start)
+            return out
+        # rows of the [outer, shape[dim], inner] view, a few at a time, keeping [lo, hi)
+        row = shape[dim] * inner * esize
+        step = max(1, _READ_CHUNK // row)
+        dest = out.view(outer, hi - lo, inner)
+        for r0 in range(0, outer, step):
+            r1 = min(outer, r0 + step)
+            tmp = torch.empty(r1 - r0, shape[dim], inner, dtype=dtype)
+            self._pread_into(tmp, offset + r0 * row)
+            dest[r0:r1].copy_(tmp[:, lo:hi])
+        return out
+
+
 class TensorReader:
     """Tensors of a checkpoint by name, whole or as a feature slice, in either layout.
 
     ``stem`` is ``sae_weights`` (the CLT) or ``optimizer`` (Adam moments, feature health).
+    Only the bytes asked for are read (``pread``, no mapping); close it, or use it in a
+    ``with`` block, to release the file handles.
     """
 
     def __init__(self, ckpt: str | Path, stem: str = WEIGHTS_STEM) -> None:
@@ -180,19 +252,33 @@ class TensorReader:
                     f"checkpoint {str(self.dir)!r} lacks {f.name}"
                     + (f" (one of its {self.n_shards} feature shards)" if self.n_shards > 1 else "")
                 )
-        self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in self.files]
-        self._keys = [set(h.keys()) for h in self._handles]
+        self._files = [_SafetensorsFile(f) for f in self.files]
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files = []
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def names(self) -> list[str]:
-        return list(self._handles[0].keys())
+        return list(self._files[0].entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._keys[0]
+        return name in self._files[0].entries
+
+    def _check(self, name: str, shard: int = 0) -> None:
+        if name not in self._files[shard].entries:
+            raise ShardError(f"{self.files[shard]} has no tensor {name!r}")
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Full (unsharded) shape."""
         self._check(name)
-        shape = list(self._handles[0].get_slice(name).get_shape())
+        shape = list(self._files[0].entries[name][1])
         fd = feature_dim(name)
         if fd is not None:
             shape[fd] *= self.n_shards
@@ -200,37 +286,33 @@ class TensorReader:
 
     def dtype(self, name: str) -> torch.dtype:
         self._check(name)
-        return _TORCH_DTYPES[self._handles[0].get_slice(name).get_dtype()]
+        return self._files[0].entries[name][0]
 
-    def _check(self, name: str) -> None:
-        if name not in self._keys[0]:
-            raise ShardError(f"{self.files[0]} has no tensor {name!r}")
-
-    def read(self, name: str, features: slice | None = None) -> Tensor:
-        """Tensor ``name``, whole or restricted to ``features`` along its feature axis."""
+    def read(self, name: str, features: slice | None = None, out: Tensor | None = None) -> Tensor:
+        """Tensor ``name``, whole or restricted to ``features`` along its feature axis, read into
+        ``out`` (a contiguous CPU tensor of the right shape) when given."""
         self._check(name)
         fd = feature_dim(name)
         if fd is None or (features is None and self.n_shards == 1):
-            return self._handles[0].get_tensor(name)
+            return self._files[0].read(name, out=out)
         total = self.shape(name)[fd]
         lo, hi = (0, total) if features is None else (features.start, features.stop)
         if not 0 <= lo <= hi <= total:
             raise ShardError(f"{name}: features [{lo}, {hi}) outside [0, {total})")
+        shape = list(self.shape(name))
+        shape[fd] = hi - lo
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtype(name))
         per = total // self.n_shards
-        parts = []
         for k in range(lo // per, -(-hi // per) if hi > lo else lo // per):
-            a, b = max(lo, k * per) - k * per, min(hi, (k + 1) * per) - k * per
-            if name not in self._keys[k]:
-                raise ShardError(f"{self.files[k]} has no tensor {name!r}")
-            sl = self._handles[k].get_slice(name)
-            index = tuple(slice(None) if d != fd else slice(a, b) for d in range(fd + 1))
-            parts.append(sl[index])  # a strided view of the file's bytes
-        if not parts:
-            shape = list(self.shape(name))
-            shape[fd] = 0
-            return torch.empty(shape, dtype=self._handles[0].get_slice(name).get_dtype_torch())
-        # contiguous: a strided slice handed to e.g. a fused optimizer would be read row-major
-        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=fd)
+            a, b = max(lo, k * per), min(hi, (k + 1) * per)
+            self._check(name, k)
+            dest = out.narrow(fd, a - lo, b - a)
+            if dest.is_contiguous():
+                self._files[k].read(name, fd, a - k * per, b - k * per, out=dest)
+            else:
+                dest.copy_(self._files[k].read(name, fd, a - k * per, b - k * per))
+        return out
 
     def read_index(self, name: str, i: int) -> Tensor:
         """``tensor[i]`` along dim 0 (e.g. one layer of ``W_enc`` [L, d, F]), from every shard."""
@@ -238,9 +320,8 @@ class TensorReader:
         fd = feature_dim(name)
         if fd == 0:
             raise ShardError(f"{name}: dim 0 is the feature axis; use read(name, slice)")
-        if fd is None:
-            return self._handles[0].get_slice(name)[i : i + 1][0]
-        parts = [h.get_slice(name)[i : i + 1][0] for h in self._handles]
+        files = self._files if fd is not None else self._files[:1]
+        parts = [f.read(name, 0, i, i + 1)[0] for f in files]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=fd - 1)
 
     def chunks(self, name: str, rows: int = 1) -> Iterator[Tensor]:
@@ -248,22 +329,24 @@ class TensorReader:
         on its own: what :func:`write_safetensors_streaming` consumes."""
         self._check(name)
         fd = feature_dim(name)
-        # replicated tensors live in shard 0; a feature-major tensor is a run of rows per shard
-        handles = self._handles if fd == 0 else self._handles[:1]
         if fd is None or fd == 0:
-            for h in handles:
-                sl = h.get_slice(name)
-                n0 = sl.get_shape()[0] if sl.get_shape() else 0
-                if n0 == 0:
-                    yield h.get_tensor(name)
+            # replicated tensors live in shard 0; a feature-major tensor is a run of rows per shard
+            for f in self._files if fd == 0 else self._files[:1]:
+                shape = f.entries[name][1]
+                if not shape or shape[0] == 0:
+                    yield f.read(name)
                     continue
-                for start in range(0, n0, rows):
-                    yield sl[start : start + rows]
+                for start in range(0, shape[0], rows):
+                    yield f.read(name, 0, start, min(shape[0], start + rows))
             return
-        n0 = self.shape(name)[0]
-        for start in range(0, n0, rows):
-            parts = [h.get_slice(name)[start : start + rows] for h in self._handles]
-            yield parts[0] if len(parts) == 1 else torch.cat(parts, dim=fd)
+        shape = list(self.shape(name))
+        per = shape[fd] // self.n_shards
+        for start in range(0, shape[0], rows):
+            stop = min(shape[0], start + rows)
+            out = torch.empty([stop - start, *shape[1:]], dtype=self.dtype(name))
+            for k, f in enumerate(self._files):  # each shard's columns, one shard at a time
+                out.narrow(fd, k * per, per).copy_(f.read(name, 0, start, stop))
+            yield out
 
 
 def write_shard_index(ckpt: Path, n_shards: int, n_features: int) -> None:
@@ -285,5 +368,5 @@ def sharded_disk_loader(
     from sae_lens.loading.pretrained_sae_loaders import get_sae_lens_config_from_disk
 
     cfg = get_sae_lens_config_from_disk(path, device, cfg_overrides)
-    reader = TensorReader(path, WEIGHTS_STEM)
-    return cfg, {n: reader.read(n).to(device) for n in reader.names()}
+    with TensorReader(path, WEIGHTS_STEM) as reader:
+        return cfg, {n: reader.read(n).to(device) for n in reader.names()}

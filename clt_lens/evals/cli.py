@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from clt_lens.errors import InputError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="CLT SAELens folder or training run directory")
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from clt_lens.evals.report import markdown_table
 
     if extra:
-        raise ValueError(f"unknown options {extra}")
+        raise InputError(f"unknown options {extra}")
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
     result = evaluate(
         args.checkpoint,

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from clt_lens.errors import CLTLensError
 from clt_lens.evals.metrics import CEStats, LayerStats, ce_recovered, kl_div, token_ce
 
 
-class EvalError(ValueError):
+class EvalError(CLTLensError, ValueError):
     """The checkpoint, model or data cannot be evaluated together."""
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clt_lens.errors import InputError
+
 DENSE_THRESHOLD = 0.10  # a feature firing on more than 10% of tokens counts as dense
 
 
@@ -34,7 +36,7 @@ class LayerStats:
     def update(self, y: torch.Tensor, y_hat: torch.Tensor, acts: torch.Tensor) -> None:
         """y, y_hat: [B, L, d] raw activations; acts: [B, L, F] feature activations."""
         if y.shape != y_hat.shape or y.shape[1:] != (self.n_layers, self.d_model):
-            raise ValueError(
+            raise InputError(
                 f"expected y and y_hat of shape [B, {self.n_layers}, {self.d_model}], got "
                 f"{tuple(y.shape)} and {tuple(y_hat.shape)}"
             )

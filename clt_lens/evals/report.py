@@ -1,4 +1,4 @@
-"""Evaluation outputs: eval.json, PNG plots and a markdown table."""
+"""Evaluation outputs: eval.json, PNG plots, and the tables as markdown or HTML."""
 
 from __future__ import annotations
 
@@ -9,61 +9,62 @@ from typing import Any
 from clt_lens.evals.metrics import DENSE_THRESHOLD
 
 
-def markdown_table(result: dict[str, Any]) -> str:
+def eval_tables(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The evaluation as tables: ``{"header", "align" ("l"/"r" per column), "rows" (formatted
+    strings), "note"}``; ``markdown_table`` and ``html_tables`` render the same cells."""
     pl = result["per_layer"]
     splices = {s["layer"]: s for s in result.get("single_layer_splices", [])}
-    lines = [
-        "| layer | MSE | FVU | EV | L0 | dead | dense | CE +Δ (splice) | KL (splice) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for l in range(result["n_layers"]):
         s = splices.get(l)
-        tail = f"{s['ce_increase']:+.4f} | {s['kl']:.4f}" if s else "– | –"
-        lines.append(
-            f"| {l} | {pl['mse'][l]:.4g} | {pl['fvu'][l]:.4f} | {pl['explained_variance'][l]:.4f} "
-            f"| {pl['l0'][l]:.1f} | {pl['dead_fraction'][l]:.1%} | {pl['dense_fraction'][l]:.1%} "
-            f"| {tail} |"
-        )
+        tail = [f"{s['ce_increase']:+.4f}", f"{s['kl']:.4f}"] if s else ["–", "–"]
+        rows.append([
+            str(l), f"{pl['mse'][l]:.4g}", f"{pl['fvu'][l]:.4f}",
+            f"{pl['explained_variance'][l]:.4f}", f"{pl['l0'][l]:.1f}",
+            f"{pl['dead_fraction'][l]:.1%}", f"{pl['dense_fraction'][l]:.1%}", *tail,
+        ])
     n = result.get("n_tokens_reconstruction")
-    if n:
-        lines += ["", f"dead: no activation in these {n:,} tokens (rare features count too); "
-                  f"dense: firing on more than {DENSE_THRESHOLD:.0%} of them."]
+    note = (f"dead: no activation in these {n:,} tokens (rare features count too); "
+            f"dense: firing on more than {DENSE_THRESHOLD:.0%} of them.") if n else ""
     r = result["replacement"]
-    lines += [
-        "",
-        "| replacement model | value |",
-        "|---|---:|",
-        f"| CE original | {r['ce_original']:.4f} |",
-        f"| CE replacement (all MLPs) | {r['ce_replacement']:.4f} |",
-        f"| CE all MLPs zero-ablated | {r['ce_zero_ablation']:.4f} |",
-        f"| CE recovered | {r['ce_recovered']:.1%} |",
-        f"| KL(original ‖ replacement) | {r['kl']:.4f} |",
-        f"| top-1 agreement | {r['top1_agreement']:.1%} |",
+    return [
+        {"header": ["layer", "MSE", "FVU", "EV", "L0", "dead", "dense", "CE +Δ (splice)",
+                    "KL (splice)"],
+         "align": ["r"] * 9, "rows": rows, "note": note},
+        {"header": ["replacement model", "value"], "align": ["l", "r"], "note": "", "rows": [
+            ["CE original", f"{r['ce_original']:.4f}"],
+            ["CE replacement (all MLPs)", f"{r['ce_replacement']:.4f}"],
+            ["CE all MLPs zero-ablated", f"{r['ce_zero_ablation']:.4f}"],
+            ["CE recovered", f"{r['ce_recovered']:.1%}"],
+            ["KL(original ‖ replacement)", f"{r['kl']:.4f}"],
+            ["top-1 agreement", f"{r['top1_agreement']:.1%}"],
+        ]},
+        *_density_tables(result), *_graph_tables(result),
     ]
-    lines += _density_lines(result) + _graph_lines(result)
-    return "\n".join(lines)
 
 
 def _pct(values: list[float]) -> str:
     return " / ".join(f"{v:.1%}" for v in values)
 
 
-def _density_lines(result: dict[str, Any]) -> list[str]:
-    lines: list[str] = []
+def _density_tables(result: dict[str, Any]) -> list[dict[str, Any]]:
     fd, tw = result.get("feature_density"), result.get("training_window")
+    rows = []
     if fd:
-        lines += ["", f"dead on {fd['n_tokens']:,} {result.get('split', 'held-out')} tokens, "
-                  f"per layer: {_pct(fd['dead_fraction'])} (mean {fd['mean_dead_fraction']:.1%}); "
-                  f"firing but on < 1e-4 of them: {_pct(fd['rare_fraction_1e-4'])}"]
+        rows.append([f"dead on {fd['n_tokens']:,} {result.get('split', 'held-out')} tokens",
+                     _pct(fd["dead_fraction"]), f"{fd['mean_dead_fraction']:.1%}"])
+        rows.append(["firing on fewer than 1e-4 of them", _pct(fd["rare_fraction_1e-4"]), ""])
     if tw:
-        lines += ["",
-                  f"dead in the training window ({tw['window_tokens']:,} tokens, step "
-                  f"{tw['step']}), per layer: {_pct(tw['dead_fraction'])} "
-                  f"(mean {tw['mean_dead_fraction']:.1%})"]
-    return lines
+        rows.append([f"dead in the training window ({tw['window_tokens']:,} tokens, step "
+                     f"{tw['step']})", _pct(tw["dead_fraction"]),
+                     f"{tw['mean_dead_fraction']:.1%}"])
+    if not rows:
+        return []
+    return [{"header": ["feature density", "per layer", "mean"], "align": ["l", "r", "r"],
+             "rows": rows, "note": ""}]
 
 
-def _graph_lines(result: dict[str, Any]) -> list[str]:
+def _graph_tables(result: dict[str, Any]) -> list[dict[str, Any]]:
     g = result.get("graphs")
     if not g:
         return []
@@ -77,29 +78,58 @@ def _graph_lines(result: dict[str, Any]) -> list[str]:
                 + (f" (not reached on {v['missing']})" if v.get("missing") else ""))
 
     cap = st["max_feature_nodes"] or "all"
-    lines = [
-        "",
-        f"| attribution graphs ({st['n_prompts']} prompts, {cap} feature nodes; median "
-        "[quartiles]) | value |",
-        "|---|---:|",
-        f"| replacement score (unpruned) | {cell('replacement')} |",
-        f"| completeness (unpruned) | {cell('completeness')} |",
-        f"| mean path length, input to logit (pruned) | {cell('path_length_mean', '.2f')} |",
-        f"| feature nodes after pruning | {cell('pruned_feature_nodes', '.0f')} |",
+    rows = [
+        ["replacement score (unpruned)", cell("replacement")],
+        ["completeness (unpruned)", cell("completeness")],
+        ["mean path length, input to logit (pruned)", cell("path_length_mean", ".2f")],
+        ["feature nodes after pruning", cell("pruned_feature_nodes", ".0f")],
     ]
-    for c in st["levels"]:
-        lines.append(f"| feature nodes for completeness {c} | "
-                     f"{cell(f'size_at_completeness_{c}', '.0f')} |")
+    rows += [[f"feature nodes for completeness {c}", cell(f"size_at_completeness_{c}", ".0f")]
+             for c in st["levels"]]
     if st.get("n_ablate"):
+        rows.append(["influence vs ablation effect, Spearman (per prompt)",
+                     cell("faithfulness_spearman")])
+        rows.append(["same, strongest features only (per prompt)",
+                     cell("faithfulness_spearman_top")])
         pooled = g.get("pooled_faithfulness", {})
-        lines.append(f"| influence vs ablation effect, Spearman (per prompt) | "
-                     f"{cell('faithfulness_spearman')} |")
-        lines.append(f"| same, strongest features only (per prompt) | "
-                     f"{cell('faithfulness_spearman_top')} |")
         if pooled:
-            lines.append(f"| same, pooled over {pooled['n']} features (strongest only) | "
-                         f"{pooled['spearman_influence']:.3f} ({pooled['spearman_top']:.3f}) |")
-    return lines
+            rows.append([f"same, pooled over {pooled['n']} features (strongest only)",
+                         f"{pooled['spearman_influence']:.3f} ({pooled['spearman_top']:.3f})"])
+    header = (f"attribution graphs ({st['n_prompts']} prompts, {cap} feature nodes; "
+              "median [quartiles])")
+    return [{"header": [header, "value"], "align": ["l", "r"], "rows": rows, "note": ""}]
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for table in eval_tables(result):
+        if lines:
+            lines.append("")
+        lines.append("| " + " | ".join(table["header"]) + " |")
+        lines.append("|" + "|".join("---:" if a == "r" else "---" for a in table["align"]) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in table["rows"]]
+        if table["note"]:
+            lines += ["", table["note"]]
+    return "\n".join(lines)
+
+
+def html_tables(result: dict[str, Any]) -> str:
+    """The evaluation tables as HTML ``<table>`` elements (cells escaped)."""
+    import html
+
+    out = []
+    for table in eval_tables(result):
+        style = ['' if a == "l" else ' class="num"' for a in table["align"]]
+        head = "".join(f"<th{c}>{html.escape(h)}</th>" for h, c in zip(table["header"], style))
+        body = "".join(
+            "<tr>" + "".join(f"<td{c}>{html.escape(v)}</td>" for v, c in zip(row, style)) + "</tr>"
+            for row in table["rows"]
+        )
+        out.append(f'<table class="eval"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+                   "</table>")
+        if table["note"]:
+            out.append(f'<p class="note">{html.escape(table["note"])}</p>')
+    return "\n".join(out)
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clt_lens.config import load_config
+from clt_lens.errors import InputError
 from clt_lens.features.stats import FeaturesConfig, run_features
 
 
@@ -55,7 +56,7 @@ def parse_dashboard_spec(spec: str) -> tuple[int, list[int]]:
             raise ValueError
         return int(layer), [int(f) for f in feats.split(",") if f.strip()]
     except ValueError:
-        raise ValueError(f"--dashboard {spec!r}: expected LAYER:F1,F2,... (e.g. 0:3,17)") from None
+        raise InputError(f"--dashboard {spec!r}: expected LAYER:F1,F2,... (e.g. 0:3,17)") from None
 
 
 def build_config(args: argparse.Namespace, extra: Sequence[str]) -> FeaturesConfig:
@@ -81,9 +82,10 @@ def build_config(args: argparse.Namespace, extra: Sequence[str]) -> FeaturesConf
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     cfg = build_config(args, extra)
     if cfg.dashboard:
-        from clt_lens.features.dashboard import require_sae_dashboard
+        from clt_lens.features.dashboard import require_dashboard_scripts, require_sae_dashboard
 
         require_sae_dashboard()  # fail before the pass, not after it
+        require_dashboard_scripts()
     out = run_features(cfg)
     manifest = json.loads((out / "features.json").read_text(encoding="utf-8"))
     timing = manifest["timing"]

@@ -29,6 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from clt_lens.errors import CLTLensError, MissingFileError
+
 FORMAT_VERSION = 1
 MANIFEST_FILE = "features.json"
 AUTOINTERP_FILE = "autointerp.jsonl"
@@ -76,7 +78,7 @@ EXAMPLE_KEYS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-class FeaturesFormatError(ValueError):
+class FeaturesFormatError(CLTLensError, ValueError):
     """A features directory or record does not follow the format; the message says where."""
 
 
@@ -88,7 +90,7 @@ def read_manifest(features_dir: str | Path) -> dict[str, Any]:
     """The validated manifest of ``features_dir``."""
     path = Path(features_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} not found: is {features_dir} a directory written by 'clt-lens features'?"
         )
     try:
@@ -108,7 +110,7 @@ def iter_features(features_dir: str | Path, layer: int) -> Iterator[dict[str, An
     """Yield the feature records of one source layer, in index order."""
     path = Path(features_dir) / layer_file_name(layer)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (layer {layer} of {features_dir})")
+        raise MissingFileError(f"{path} not found (layer {layer} of {features_dir})")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():

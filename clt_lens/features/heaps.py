@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from clt_lens.errors import InputError
+
 WindowFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -43,7 +45,7 @@ class ExamplePool:
         device: torch.device | str = "cpu",
     ) -> None:
         if n_groups < 1 or per_group < 1:
-            raise ValueError(f"n_groups and per_group must be >= 1, got {n_groups}, {per_group}")
+            raise InputError(f"n_groups and per_group must be >= 1, got {n_groups}, {per_group}")
         self.n_features, self.n_groups, self.per_group = n_features, n_groups, per_group
         self.size = n_groups * per_group
         shape = (n_features, self.size)
@@ -117,7 +119,7 @@ class ExamplePool:
             field.view(-1).index_copy_(0, dst, picked)
         if self.acts is not None:
             if windows is None:
-                raise ValueError("ExamplePool.merge needs windows= for a pool keeping acts")
+                raise InputError("ExamplePool.merge needs windows= for a pool keeping acts")
             self.acts.view(-1, self.acts.shape[2]).index_copy_(0, dst, windows(ge, ce))
 
     def _keep(self, group: Tensor, score: Tensor) -> Tensor:
@@ -162,7 +164,7 @@ class DoublingHistogram:
 
     def __init__(self, lo: Tensor, n_bins: int = 64) -> None:
         if n_bins < 2 or n_bins & (n_bins - 1):
-            raise ValueError(f"n_bins must be a power of two >= 2, got {n_bins}")
+            raise InputError(f"n_bins must be a power of two >= 2, got {n_bins}")
         self.n_bins = n_bins
         self.lo = lo.to(torch.float64)
         self.width = torch.zeros_like(self.lo)  # 0 = the feature has not fired yet

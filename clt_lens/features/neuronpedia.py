@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from clt_lens.errors import InputError
 from clt_lens.features.format import (
     AUTOINTERP_FILE,
     iter_features,
@@ -138,7 +139,7 @@ def _batches(items: list, size: int) -> Iterator[tuple[int, list]]:
 
 def _check_batch_size(size: int) -> None:
     if not 1 <= size <= MAX_FEATURES_PER_BATCH:
-        raise ValueError(f"features_per_batch must be in [1, {MAX_FEATURES_PER_BATCH}], got {size}")
+        raise InputError(f"features_per_batch must be in [1, {MAX_FEATURES_PER_BATCH}], got {size}")
 
 
 def _layers(manifest: dict, layers: list[int] | None) -> list[int]:
@@ -147,7 +148,7 @@ def _layers(manifest: dict, layers: list[int] | None) -> list[int]:
         return have
     missing = [x for x in layers if x not in have]
     if missing:
-        raise ValueError(f"layers {missing} have no statistics in this features directory "
+        raise InputError(f"layers {missing} have no statistics in this features directory "
                          f"(it holds layers {have})")
     return list(layers)
 
@@ -211,7 +212,7 @@ def write_neuronpedia_export(
     layers = _layers(manifest, layers)
     model = model_id or manifest["model"]
     if not model or "/" in model:
-        raise ValueError(f"model id {model!r} must be a non-empty name without '/'")
+        raise InputError(f"model id {model!r} must be a non-empty name without '/'")
     out_root = Path(out_dir or Path(features_dir) / "neuronpedia" / "exports")
     model_dir = out_root / model
     sourceset = manifest["sourceset"]

@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clt_lens.config import ConfigError, config_to_dict
+from clt_lens.errors import InputError, MissingFileError
 from clt_lens.features.format import (
     DEFAULT_SOURCESET,
     FORMAT_VERSION,
@@ -109,13 +110,13 @@ def load_clt(checkpoint: str | Path, device: str | torch.device = "cpu") -> Any:
     """A CrossLayerTranscoder from its SAELens folder (cfg.json + sae_weights.safetensors)."""
     path = Path(checkpoint).expanduser()
     if not (path / "cfg.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path / 'cfg.json'} not found: CHECKPOINT must be a CLT SAELens folder "
             "(cfg.json + sae_weights.safetensors) written by 'clt-lens train'"
         )
     cfg = json.loads((path / "cfg.json").read_text(encoding="utf-8"))
     if cfg.get("architecture") != "clt":
-        raise ValueError(
+        raise InputError(
             f"{path / 'cfg.json'}: architecture {cfg.get('architecture')!r} is not 'clt'"
         )
     from sae_lens import SAE
@@ -137,12 +138,12 @@ def check_compatible(clt: Any, model: Any) -> None:
     from clt_lens.activations import HookSpec, validate_hooks
 
     if clt.cfg.n_layers != model.cfg.n_layers:
-        raise ValueError(
+        raise InputError(
             f"the CLT has n_layers={clt.cfg.n_layers} but the model has "
             f"n_layers={model.cfg.n_layers}: the checkpoint does not match the model"
         )
     if clt.cfg.d_in != model.cfg.d_model:
-        raise ValueError(
+        raise InputError(
             f"the CLT has d_in={clt.cfg.d_in} but the model has d_model={model.cfg.d_model}: "
             "the checkpoint does not match the model"
         )
@@ -153,7 +154,7 @@ def check_compatible(clt: Any, model: Any) -> None:
 
         have = model_id(model)
         if have != want:
-            raise ValueError(
+            raise InputError(
                 f"the CLT was trained on model {want} but the given model is {have}: pass the "
                 "model the checkpoint was trained on (--model)"
             )
@@ -165,7 +166,7 @@ def _check_layers(layers: list[int] | None, n_layers: int) -> list[int]:
     out = sorted(set(int(x) for x in layers))
     bad = [x for x in out if not 0 <= x < n_layers]
     if bad or not out:
-        raise ValueError(f"layers {layers}: source layers must be in [0, {n_layers - 1}]")
+        raise InputError(f"layers {layers}: source layers must be in [0, {n_layers - 1}]")
     return out
 
 
@@ -251,7 +252,7 @@ class FeatureAccumulator:
         n_l, b, t, n_f = pre.shape
         g_all = n_l * n_f
         if t != self.seq_len or g_all != self.n_features:
-            raise ValueError(
+            raise InputError(
                 f"pre must be [layers, batch, {self.seq_len}, F] with layers * F = "
                 f"{self.n_features}, got {tuple(pre.shape)}"
             )
@@ -395,7 +396,7 @@ def _resolve_model(model: Any, clt: Any, device: str | None) -> tuple[Any, str]:
 def _tokenizer_path(model: Any, out_dir: Path) -> str:
     tok = model.tokenizer
     if tok is None:
-        raise ValueError("the model has no tokenizer: feature contexts need token strings")
+        raise InputError("the model has no tokenizer: feature contexts need token strings")
     name = getattr(tok, "name_or_path", "") or ""
     if name and Path(name).is_dir():
         return str(Path(name).resolve())
@@ -466,7 +467,7 @@ def run_features(
         checkpoint = Path(clt or cfg.checkpoint).expanduser().resolve()
         clt = load_clt(checkpoint, device="cpu")
     elif not _is_clt(clt):
-        raise ValueError(
+        raise InputError(
             f"expected a CrossLayerTranscoder or a checkpoint folder, got {type(clt).__name__}"
         )
     layers = _check_layers(cfg.layers, clt.cfg.n_layers)
@@ -475,18 +476,18 @@ def run_features(
     if cfg.device:
         want = torch.device(cfg.device)
         if want.type != device.type or want.index not in (None, device.index):
-            raise ValueError(f"the model is on {device} but device={want} was asked for")
+            raise InputError(f"the model is on {device} but device={want} was asked for")
     if checkpoint is not None:
         clt = clt.to(device)
     elif clt.W_enc.device != device:
-        raise ValueError(f"the CLT is on {clt.W_enc.device} but the model is on {device}")
+        raise InputError(f"the CLT is on {clt.W_enc.device} but the model is on {device}")
     clt.eval()
     check_compatible(clt, model)
     n_layers, n_feat = clt.cfg.n_layers, clt.cfg.d_sae
     hooks = HookSpec(clt.cfg.input_hook, clt.cfg.output_hook)
     tokenizer = model.tokenizer
     if tokenizer is None:
-        raise ValueError("the model has no tokenizer: feature contexts need token strings")
+        raise InputError("the model has no tokenizer: feature contexts need token strings")
     bos = tokenizer.bos_token_id
 
     ctx = cfg.context_size or getattr(clt.cfg.metadata, "context_size", None) or model.cfg.n_ctx
@@ -502,20 +503,20 @@ def run_features(
     else:
         dataset_name = cfg.dataset if cfg.dataset != "embedded" else "tokens"
     if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"tokens must be an integer tensor [n_seq, ctx], got "
+        raise InputError(f"tokens must be an integer tensor [n_seq, ctx], got "
                          f"{tuple(tokens.shape)} {tokens.dtype}")
     if tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the model's "
+        raise InputError(f"sequences of {tokens.shape[1]} tokens exceed the model's "
                          f"n_ctx={model.cfg.n_ctx}")
     tokens = tokens.to(torch.long).cpu()
     offset = 1 if bos is not None and bool((tokens[:, 0] == bos).all()) else 0
     seq_len = tokens.shape[1] - offset
     if seq_len < 1:
-        raise ValueError("sequences hold no token besides BOS")
+        raise InputError("sequences hold no token besides BOS")
     n_seq = min(tokens.shape[0], math.ceil(cfg.n_tokens / seq_len))
     tokens = tokens[:n_seq]
     if int(tokens.max()) >= model.cfg.d_vocab:
-        raise ValueError(f"token id {int(tokens.max())} >= the model's d_vocab={model.cfg.d_vocab}")
+        raise InputError(f"token id {int(tokens.max())} >= the model's d_vocab={model.cfg.d_vocab}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # --- the pass ----------------------------------------------------------------------------
@@ -536,7 +537,7 @@ def run_features(
         b = toks.shape[0]
         x, _ = collect_activations(model, toks, hooks, exclude_bos=offset == 1, bos_token_id=bos)
         if x.shape[0] != b * seq_len:
-            raise ValueError("every sequence must start with BOS, or none (got a mix)")
+            raise InputError("every sequence must start with BOS, or none (got a mix)")
         for c in range(0, b, chunk):
             xc = x[c * seq_len : (c + chunk) * seq_len]
             pre = encode(xc)

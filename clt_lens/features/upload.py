@@ -30,6 +30,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from clt_lens.errors import CLTLensError, InputError
 from clt_lens.features.format import iter_features, manifest_layers, read_manifest
 from clt_lens.features.neuronpedia import (
     MAX_FEATURES_PER_BATCH,
@@ -41,7 +42,7 @@ BASE_URL_ENV = "NEURONPEDIA_BASE_URL"
 _SOURCE_RE = re.compile(r"^(\d+)-(.+)$")
 
 
-class UploadError(RuntimeError):
+class UploadError(CLTLensError, RuntimeError):
     """A request to Neuronpedia failed; the message names the source and batch."""
 
 
@@ -96,17 +97,17 @@ def _resolve_sources(
         if m:  # one source, "{layer}-{sourceset}"
             layer = int(m.group(1))
             if layers is not None and layers != [layer]:
-                raise ValueError(f"--source {source} names layer {layer}; --layers {layers} "
+                raise InputError(f"--source {source} names layer {layer}; --layers {layers} "
                                  "disagrees")
             layers, sourceset = [layer], m.group(2)
         else:
             sourceset = source
     if "/" in sourceset or not sourceset:
-        raise ValueError(f"source set {sourceset!r} must be a non-empty name without '/'")
+        raise InputError(f"source set {sourceset!r} must be a non-empty name without '/'")
     chosen = have if layers is None else layers
     missing = [x for x in chosen if x not in have]
     if missing:
-        raise ValueError(f"layers {missing} have no statistics in this features directory "
+        raise InputError(f"layers {missing} have no statistics in this features directory "
                          f"(it holds layers {have})")
     return [(layer, source_id(layer, sourceset)) for layer in chosen]
 
@@ -118,13 +119,13 @@ def _request(api_key: str | None, base_url: str | None) -> Any:
     try:
         request = FeatureRequest(api_key=api_key)
     except NPKeyMissingError:
-        raise ValueError(
+        raise InputError(
             "no Neuronpedia API key: set NEURONPEDIA_API_KEY (or pass --api-key)"
         ) from None
     base_url = base_url or os.environ.get(BASE_URL_ENV)
     if base_url:
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base URL {base_url!r} must start with http:// or https://")
+            raise InputError(f"base URL {base_url!r} must start with http:// or https://")
         request.BASE_URL = base_url.rstrip("/")
     return request
 
@@ -164,11 +165,11 @@ def upload_features(
     sends nothing.
     """
     if not 1 <= batch_size <= MAX_FEATURES_PER_BATCH:
-        raise ValueError(f"batch_size must be in [1, {MAX_FEATURES_PER_BATCH}], got {batch_size}")
+        raise InputError(f"batch_size must be in [1, {MAX_FEATURES_PER_BATCH}], got {batch_size}")
     manifest = read_manifest(features_dir)
     model_id = model_id or manifest["model"]
     if not model_id or "/" in model_id:
-        raise ValueError(f"model id {model_id!r} must be a non-empty name without '/'")
+        raise InputError(f"model id {model_id!r} must be a non-empty name without '/'")
     sources = _resolve_sources(manifest, source, layers)
     request = None if dry_run else _request(api_key, base_url)
     expl = load_explanations(features_dir) if explanations else {}
@@ -234,12 +235,12 @@ def parse_layers(text: str | None) -> list[int] | None:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--layers {text!r}: expected comma-separated integers") from None
+        raise InputError(f"--layers {text!r}: expected comma-separated integers") from None
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if extra:
-        raise ValueError(f"unknown arguments {list(extra)} (see 'clt-lens upload --help')")
+        raise InputError(f"unknown arguments {list(extra)} (see 'clt-lens upload --help')")
     try:
         summary = upload_features(
             args.features_dir, model_id=args.model_id, source=args.source,

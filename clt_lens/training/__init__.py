@@ -1,7 +1,11 @@
-"""Training: config, loop, checkpoints, distribution."""
+"""Training: config, runner (builds a run), trainer (its loop), checkpoints, distribution.
+
+The one entry point is ``CLTTrainingRunner(cfg).run()`` (``clt-lens train`` on the command
+line, under ``torchrun`` for several processes).
+"""
 
 from clt_lens.training.config import TrainConfig
 from clt_lens.training.runner import CLTTrainingRunner
-from clt_lens.training.trainer import Trainer, TrainingDiverged, train
+from clt_lens.training.trainer import TrainingDiverged
 
-__all__ = ["CLTTrainingRunner", "TrainConfig", "Trainer", "TrainingDiverged", "train"]
+__all__ = ["CLTTrainingRunner", "TrainConfig", "TrainingDiverged"]

@@ -54,6 +54,8 @@ DATA_STATE_FILE = "data_state.json"
 CONFIG_FILE = "train_config.json"
 LATEST_FILE = "LATEST"
 RANKS_DIR = "ranks"
+# data_state.json of a run whose data ranks read different data: one position per data rank
+PER_DATA_RANK = "per_data_rank"
 
 
 class CheckpointError(ShardError):
@@ -149,12 +151,24 @@ class _LegacyOptimizer:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str, features: slice | None = None) -> torch.Tensor:
+    def __enter__(self) -> _LegacyOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def read(self, name: str, features: slice | None = None, out: torch.Tensor | None = None):
         t = self.tensors[name]
         fd = feature_dim(name)
-        if features is None or fd is None or t.dim() == 0:
-            return t
-        return t.narrow(fd, features.start, features.stop - features.start)
+        if features is not None and fd is not None and t.dim() > 0:
+            t = t.narrow(fd, features.start, features.stop - features.start)
+        return t if out is None else out.copy_(t)
 
 
 class Checkpoint:
@@ -175,10 +189,9 @@ class Checkpoint:
 
             self.state = {k: v for k, v in raw.items() if k not in ("optimizer", "since_fired")}
             self._legacy_rank = {"rng": rng.from_legacy(raw["rng"]), "density_hint": None}
-            self._optimizer: Any = _LegacyOptimizer(raw)
+            self._legacy_optimizer = _LegacyOptimizer(raw)
         else:
             self.state = json.loads((self.path / STATE_FILE).read_text())
-            self._optimizer = None
         self.world = self.state.get("world", {"data_size": 1, "feature_size": 1})
         self.sharded = is_sharded(self.path)
         n_shards = self.world["feature_size"] if self.sharded else 1
@@ -191,12 +204,14 @@ class Checkpoint:
                     )
 
     def weights(self) -> TensorReader:
+        """The weights, by slice (close the reader, or use it in ``with``)."""
         return TensorReader(self.path, WEIGHTS_STEM)
 
     def optimizer(self) -> Any:
-        if self._optimizer is None:
-            self._optimizer = TensorReader(self.path, OPTIMIZER_STEM)
-        return self._optimizer
+        """Adam moments and feature-health counters, by slice (a ``with`` reader)."""
+        if self.legacy:
+            return self._legacy_optimizer
+        return TensorReader(self.path, OPTIMIZER_STEM)
 
     def rank_state(self, rank: int, same_layout: bool) -> dict[str, Any]:
         """This rank's RNG states and decode hint (rank 0's when the layout changed)."""

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from clt_lens.config import load_config
+from clt_lens.errors import MissingFileError
 from clt_lens.training.config import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -26,7 +27,7 @@ def resolve_config_path(name: str | None) -> Path | None:
     if packaged.exists():
         return packaged
     choices = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"config {name!r} is neither a file nor a packaged config {choices}")
+    raise MissingFileError(f"config {name!r} is neither a file nor a packaged config {choices}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = load_config(TrainConfig, resolve_config_path(config), extra)
     runner = CLTTrainingRunner(cfg, resume=args.resume)
     runner.run()
-    if runner.trainer.par.is_main:
+    if runner.par.is_main:
         print(f"final checkpoint: {Path(cfg.out_dir) / 'final'}")
-    runner.trainer.par.shutdown()
+    runner.par.shutdown()
     return 0

@@ -2,9 +2,10 @@
 
 A feature-sharded run's checkpoints hold one file per feature slice. ``consolidate`` streams
 them into ``cfg.json`` + ``sae_weights.safetensors`` (what ``SAE.load_from_disk`` and
-``clt-lens export`` read) a chunk at a time: at most about one layer's decoder (a budget of
-``chunk_bytes``, or one layer of ``W_enc``) is in memory, never the model. Training runs it at
-the end of every run to write ``final/``; the command is for other checkpoints.
+``clt-lens export`` read) a chunk at a time: one chunk (``chunk_bytes``, or one layer of
+``W_enc`` if that is larger) and one shard's part of it are in memory, never the model.
+Training runs it at the end of every run to write ``final/``; the command is for other
+checkpoints.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from clt_lens.clt.storage import (
     is_sharded,
     write_safetensors_streaming,
 )
+from clt_lens.errors import InputError
 from clt_lens.fsutil import fsync_dir
 from clt_lens.training import checkpoint as ckpt_io
 
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 
 def consolidate(ckpt: str | Path, out: str | Path, *, chunk_bytes: int = CHUNK_BYTES) -> Path:
@@ -39,14 +41,14 @@ def consolidate(ckpt: str | Path, out: str | Path, *, chunk_bytes: int = CHUNK_B
     tmp.mkdir(parents=True)
     weights = tmp / f"{WEIGHTS_STEM}.safetensors"
     if is_sharded(src):
-        reader = TensorReader(src, WEIGHTS_STEM)
-        specs = [TensorSpec(n, reader.dtype(n), reader.shape(n)) for n in reader.names()]
+        with TensorReader(src, WEIGHTS_STEM) as reader:
+            specs = [TensorSpec(n, reader.dtype(n), reader.shape(n)) for n in reader.names()]
 
-        def chunks(spec: TensorSpec):
-            row = spec.nbytes // max(spec.shape[0], 1) if spec.shape else spec.nbytes
-            return reader.chunks(spec.name, rows=max(1, chunk_bytes // max(row, 1)))
+            def chunks(spec: TensorSpec):
+                row = spec.nbytes // max(spec.shape[0], 1) if spec.shape else spec.nbytes
+                return reader.chunks(spec.name, rows=max(1, chunk_bytes // max(row, 1)))
 
-        write_safetensors_streaming(weights, specs, chunks)
+            write_safetensors_streaming(weights, specs, chunks)
     else:
         shutil.copyfile(src / weights.name, weights)
     for f in ("cfg.json", ckpt_io.CONFIG_FILE):
@@ -67,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
-        raise ValueError(f"unexpected arguments {extra}")
+        raise InputError(f"unexpected arguments {extra}")
     src = ckpt_io.resolve_checkpoint(args.checkpoint)
     given = Path(args.checkpoint)
     if args.out:

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from clt_lens.errors import InputError
+
 PLOT_FILE = "training_curves.png"
 
 
@@ -28,7 +30,7 @@ class MetricsLog:
         self._wandb = None
         if enabled and use_wandb:
             if importlib.util.find_spec("wandb") is None:
-                raise ValueError(
+                raise InputError(
                     "wandb=true but the wandb package is not installed (pip install wandb)"
                 )
             import wandb

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from clt_lens.clt.comm import FeatureComm
 from clt_lens.clt.storage import feature_dim, feature_slice
+from clt_lens.errors import InputError
 
 __all__ = ["Parallel", "feature_dim"]
 
@@ -134,7 +135,7 @@ class Parallel:
         else:  # 2d
             fsize = feature_parallel_size
         if world % fsize:
-            raise ValueError(
+            raise InputError(
                 f"distributed=2d: world size {world} is not divisible by "
                 f"feature_parallel_size {fsize}"
             )

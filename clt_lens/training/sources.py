@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from clt_lens.errors import InputError
 from clt_lens.training.config import TrainConfig
 
 
@@ -191,7 +192,7 @@ class StreamSource:
             if self.used == 0:  # a short refill (end of the data) gave no batch at all
                 self._empty_refills += 1
                 if self._empty_refills > 2:
-                    raise ValueError(
+                    raise InputError(
                         f"dataset {self.cfg.dataset!r} split {self.split!r} cannot fill a batch "
                         f"of {self.batch_size} tokens"
                     )

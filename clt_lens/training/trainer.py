@@ -1,20 +1,23 @@
-"""The training loop: one code path for one process, data parallel and feature sharded runs."""
+"""The training loop: one code path for one process, data parallel and feature sharded runs.
+
+:class:`Trainer` runs the loop it is handed by :class:`~clt_lens.training.runner.
+CLTTrainingRunner` (which builds the CLT, the source, the held-out set and the resume state):
+steps, logging, held-out evaluation, checkpoints (every rank writes its own slice) and the
+final SAELens folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from clt_lens.clt.init import init_clt_
 from clt_lens.clt.storage import (
     OPTIMIZER_STEM,
     WEIGHTS_STEM,
@@ -23,70 +26,19 @@ from clt_lens.clt.storage import (
     save_tensors,
     write_shard_index,
 )
-from clt_lens.config import ConfigError
+from clt_lens.errors import CLTLensError
 from clt_lens.training import checkpoint as ckpt_io
 from clt_lens.training import rng
-from clt_lens.training.config import STRUCTURAL_KEYS, TrainConfig
+from clt_lens.training.config import TrainConfig
 from clt_lens.training.consolidate import consolidate
 from clt_lens.training.metrics import PLOT_FILE, MetricsLog, plot_training_curves
 from clt_lens.training.parallel import Parallel
 from clt_lens.training.schedules import lr_factor, sparsity_coeff
-from clt_lens.training.sources import SourceInfo, make_source
+from clt_lens.training.sources import SourceInfo
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(CLTLensError, RuntimeError):
     """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
-
-
-def build_clt(cfg: TrainConfig, info: SourceInfo, d_sae: int | None = None, device: str = "cpu"):
-    """A fresh CrossLayerTranscoder for the activations described by ``info``."""
-    from sae_lens.saes.sae import SAEMetadata
-
-    from clt_lens.clt import CLTConfig, CrossLayerTranscoder
-
-    clt_cfg = CLTConfig(
-        d_in=info.d_model,
-        d_sae=d_sae or cfg.d_sae,
-        n_layers=info.n_layers,
-        activation=cfg.activation,
-        k=cfg.k,
-        cross_layer=cfg.cross_layer,
-        skip=cfg.skip,
-        jumprelu_init_threshold=cfg.jumprelu_init_threshold,
-        jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-        jumprelu_ste_to_input=cfg.jumprelu_ste_to_input,
-        sparsity_penalty=cfg.sparsity_penalty,
-        sparsity_coeff=cfg.sparsity_coeff,
-        tanh_scale=cfg.sparsity_c,
-        preact_coeff=cfg.preact_coeff,
-        auxk_coeff=cfg.auxk_coeff,
-        decode=cfg.decode,
-        device=device,
-        dtype="float32",
-        metadata=SAEMetadata(
-            model_name=info.model_name,
-            model_id=info.model_id,
-            hook_name=info.input_hook,
-            hook_name_out=info.output_hook,
-            context_size=info.context_size,
-            dataset_path=info.dataset,
-            prepend_bos=True,
-        ),
-    )
-    return CrossLayerTranscoder(clt_cfg)
-
-
-def _check_auto_hooks_by_name(cfg: TrainConfig) -> None:
-    """Fail on "auto" hooks for a family without defaults before its model is loaded, when the
-    name tells the family (a local folder's config.json, a known hub name)."""
-    from clt_lens.models import AUTO_HOOK, model_family, resolve_hooks
-
-    if AUTO_HOOK in (cfg.input_hook, cfg.output_hook) and model_family(cfg.model) != "unknown":
-        resolve_hooks(cfg.model, cfg.input_hook, cfg.output_hook)
-
-
-# data_state.json of a run whose data ranks read different data: one position per data rank
-PER_DATA_RANK = "per_data_rank"
 
 
 def make_adam(params: list[torch.nn.Parameter], cfg: TrainConfig, device_type: str):
@@ -105,281 +57,90 @@ def _sq_norm(tensors: list[torch.Tensor], device: str) -> torch.Tensor:
     return torch.stack(norms).pow(2).sum()
 
 
-class Trainer:
-    """Trains a CLT. ``Trainer(cfg).train()`` returns the trained CLT: the whole CLT in one
-    process or under DDP; under feature sharding this rank's slice (``cfg.d_sae`` = F / ranks),
-    while the whole CLT is written to ``out_dir/final``.
+@dataclass
+class TrainState:
+    """What the loop carries from step to step besides the weights and Adam's state."""
 
-    ``source`` / ``heldout`` may be injected (tests, notebooks); otherwise they are built
-    from the config (a cache directory, or the model streamed on the fly).
-    """
+    since_fired: torch.Tensor  # [L, F of this rank]: tokens since each feature last fired
+    step: int = 0
+    tokens: int = 0
+    l0_target_hit: bool = False
+    last_checkpoint: Path | None = None
+
+
+class Trainer:
+    """The loop over a CLT (or this rank's slice of it), its optimizer, data and state, all
+    built by :class:`~clt_lens.training.runner.CLTTrainingRunner`."""
 
     def __init__(
         self,
         cfg: TrainConfig,
         *,
-        model: Any = None,
-        source: Any = None,
-        heldout: tuple[torch.Tensor, torch.Tensor] | None = None,
-        resume: str | Path | None = None,
-        parallel: Parallel | None = None,
+        parallel: Parallel,
+        device: str,
+        source: Any,
+        info: SourceInfo,
+        heldout: tuple[torch.Tensor, torch.Tensor] | None,
+        log: MetricsLog,
+        clt: Any,
+        optimizer: torch.optim.Optimizer,
+        scaler: Any,
+        state: TrainState,
+        slice_reads: bool,
+        rank_batch: int,
     ) -> None:
-        cfg.validate()
-        self.cfg = cfg
-        self.par = parallel or Parallel.from_env(
-            cfg.distributed, cfg.feature_parallel_size, cfg.device
-        )
-        self.device = self.par.device_for(cfg.device)
+        self.cfg, self.par, self.device = cfg, parallel, device
+        self.source, self.info, self.heldout, self.log = source, info, heldout, log
+        self.clt, self.opt, self.scaler, self.state = clt, optimizer, scaler, state
+        self.slice_reads, self.rank_batch = slice_reads, rank_batch
+        self.params = [p for p in clt.parameters() if p.requires_grad]
         self.run_dir = Path(cfg.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self._model = model
-        self.resume_from: Path | None = None
-        self._resume: ckpt_io.Checkpoint | None = None
-        if resume is not None:  # check compatibility before any expensive work
-            self._resume = ckpt_io.Checkpoint(resume)
-            self.resume_from = self._resume.path
-            self._check_resume_config(self._resume.train_config)
-        if cfg.d_sae % self.par.feature_size:
-            raise ConfigError(
-                f"d_sae={cfg.d_sae} does not split evenly over {self.par.feature_size} feature "
-                f"ranks; choose a multiple of {self.par.feature_size}"
-            )
-        if cfg.micro_batch_size % self.par.data_size:
-            raise ConfigError(
-                f"batch_size/grad_accum={cfg.micro_batch_size} does not split evenly over "
-                f"{self.par.data_size} data-parallel ranks"
-            )
-        self.rank_batch = cfg.micro_batch_size // self.par.data_size
-        self._injected_source = source is not None
-        if source is None and model is None and not cfg.cache_dir:
-            _check_auto_hooks_by_name(cfg)
-        self.slice_reads = cfg.data_parallel_reads == "slice" and self.par.data_size > 1
-        if self._resume is not None:
-            self._check_data_layout(self._resume.data_state)
-        if source is None:
-            if self.slice_reads:  # every rank reads the global batch and keeps its slice
-                source = make_source(
-                    cfg, cfg.micro_batch_size, model=self._get_model_if_streaming(), partition=False
-                )
-            else:
-                source = make_source(
-                    cfg,
-                    self.rank_batch,
-                    model=self._get_model_if_streaming(),
-                    rank=self.par.data_rank,
-                    world_size=self.par.data_size,
-                )
-        self.source = source
-        self.info: SourceInfo = self.source.info
-        self._resolve_auto_hooks()
-        self._check_source()
-        if self._resume is not None:  # the hook keys, now that "auto" is resolved
-            self._check_resume_config(self._resume.train_config)
-        self.heldout = heldout
-        self.log = MetricsLog(
-            self.run_dir,
-            use_wandb=cfg.wandb,
-            wandb_project=cfg.wandb_project,
-            wandb_config=asdict(self.cfg),
-            enabled=self.par.is_main,
-        )
-
-    # ---- setup helpers -----------------------------------------------------------------
-    def _get_model_if_streaming(self):
-        if self.cfg.cache_dir or self._model is not None:
-            return self._model
-        from clt_lens.models import load_model
-
-        self._model = load_model(self.cfg.model, device=self.device)
-        return self._model
-
-    def _resolve_auto_hooks(self) -> None:
-        """Replace hooks set to "auto" by the ones the source resolved (the family default when
-        streaming, the cache's own hooks when reading one), so checkpoints record real names."""
-        from clt_lens.models import AUTO_HOOK
-
-        cfg = self.cfg
-        if AUTO_HOOK not in (cfg.input_hook, cfg.output_hook):
-            return
-        self.cfg = replace(
-            cfg,
-            input_hook=self.info.input_hook if cfg.input_hook == AUTO_HOOK else cfg.input_hook,
-            output_hook=self.info.output_hook if cfg.output_hook == AUTO_HOOK else cfg.output_hook,
-        )
-
-    def _check_resume_config(self, saved: dict[str, Any]) -> None:
-        from clt_lens.models import AUTO_HOOK
-
-        # a hook still "auto" (the source has not resolved it yet) is compared on the second call
-        pending = {k for k in ("input_hook", "output_hook") if getattr(self.cfg, k) == AUTO_HOOK}
-        diffs = [
-            k
-            for k in STRUCTURAL_KEYS
-            if k in saved and k not in pending and saved[k] != getattr(self.cfg, k)
-        ]
-        if diffs:
-            detail = ", ".join(
-                f"{k}: checkpoint={saved[k]!r} config={getattr(self.cfg, k)!r}" for k in diffs
-            )
-            raise ConfigError(
-                f"cannot resume from {self.resume_from}: incompatible config ({detail})"
-            )
-
-    def _check_source(self) -> None:
-        info = self.info
-        if (info.input_hook, info.output_hook) != (self.cfg.input_hook, self.cfg.output_hook):
-            raise ConfigError(
-                f"activation source uses hooks ({info.input_hook}, {info.output_hook}) but the "
-                f"config asks for ({self.cfg.input_hook}, {self.cfg.output_hook})"
-            )
-
-    def _collect_heldout(self) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
-        if cfg.heldout_cache_dir:
-            src = make_source(
-                replace(cfg, cache_dir=cfg.heldout_cache_dir),
-                min(cfg.heldout_tokens, 4096),
-                partition=False,
-            )
-        else:
-            from clt_lens.models import load_model, model_id
-
-            model = self._model or load_model(cfg.model, device=self.device)
-            self._model = model
-            if model_id(model) != self.info.model_id:
-                raise ConfigError(
-                    f"the activation source was made with model {self.info.model_id}, but "
-                    f"config model {cfg.model!r} is {model_id(model)}"
-                )
-            src = make_source(
-                replace(cfg, cache_dir=None),
-                min(cfg.heldout_tokens, 4096),
-                model=model,
-                partition=False,
-            )
-            src.split = cfg.heldout_split
-        from clt_lens.data import DataLoadError
-
-        xs, ys, n = [], [], 0
-        try:
-            while n < cfg.heldout_tokens:
-                x, y = src.next()
-                xs.append(x)
-                ys.append(y)
-                n += x.shape[0]
-        except DataLoadError as e:
-            raise ConfigError(
-                f"held-out check: {e}. Set heldout_split to a split the dataset has, or "
-                "heldout_cache_dir to a cache of held-out activations"
-            ) from None
-        src.close()
-        return torch.cat(xs)[: cfg.heldout_tokens], torch.cat(ys)[: cfg.heldout_tokens]
-
-    def _normalization_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Activations for the scale estimate: the same on every rank and world size."""
-        cfg = self.cfg
-        if self._injected_source:  # read ahead, then rewind the caller's source
-            src, saved = self.source, self.source.state_dict()
-        else:
-            batch = min(cfg.normalization_tokens, 4096)
-            src, saved = make_source(cfg, batch, model=self._model, partition=False), None
-        xs, ys, n = [], [], 0
-        while n < cfg.normalization_tokens:
-            x, y = src.next()
-            xs.append(x)
-            ys.append(y)
-            n += x.shape[0]
-        if saved is not None:
-            src.load_state_dict(saved)
-        else:
-            src.close()
-        return torch.cat(xs), torch.cat(ys)
-
-    # ---- the loop -------------------------------------------------------------------------
-    def _setup_model(self) -> None:
-        """This rank's slice of the CLT, its optimizer and state: fresh, or read from the
-        checkpoint being resumed. Nothing with the whole feature axis is ever built."""
-        cfg, par = self.cfg, self.par
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        self.features = par.shard_slice(cfg.d_sae)
-        clt = build_clt(cfg, self.info, d_sae=cfg.d_sae // par.feature_size, device=self.device)
-        if self._resume is not None:
-            self._read_tensors(clt.state_dict(), self._resume.weights(), "weights")
-        else:
-            init_clt_(clt, seed=cfg.seed, feature_start=self.features.start,
-                      total_features=cfg.d_sae)  # fmt: skip
-            x, y = self._normalization_sample()
-            clt.estimate_normalization(x.to(self.device), y.to(self.device))
-        self.clt = clt
-        self.clt.train()
-        self.params = [p for p in self.clt.parameters() if p.requires_grad]
-        self.opt = make_adam(self.params, cfg, torch.device(self.device).type)
-        L, F = self.info.n_layers, self.clt.cfg.d_sae
-        self.since_fired = torch.zeros(L, F, dtype=torch.long, device=self.device)
-        self.step = 0
-        self.tokens = 0
-        self.last_checkpoint: Path | None = None
-        self.l0_target_hit = False
+        # fused Adam scales the gradients itself (the grad scaler's path), so the clipping
+        # coefficient rides along instead of costing a pass over every gradient
+        self._clip_in_adam = bool(optimizer.defaults.get("fused")) and cfg.autocast != "fp16"
         self._last_plot = time.monotonic()
-        self.scaler = None
-        if cfg.autocast == "fp16":
-            self.scaler = torch.amp.GradScaler(torch.device(self.device).type)
-        if self._resume is not None:
-            self._resume_training_state(self._resume)
 
-    def _read_tensors(self, dest: dict[str, torch.Tensor], reader: Any, what: str) -> None:
-        """Copy this rank's slice of every tensor of ``dest`` from a checkpoint reader."""
-        for name, t in dest.items():
-            got = reader.read(name, self.features if feature_dim(name) is not None else None)
-            if tuple(got.shape) != tuple(t.shape):
-                raise ckpt_io.CheckpointError(
-                    f"checkpoint {self.resume_from}: {what} tensor {name!r} has shape "
-                    f"{tuple(got.shape)} for this rank's slice, expected {tuple(t.shape)}"
-                )
-            with torch.no_grad():
-                t.copy_(got)
+    # the loop's counters live in ``state`` (the runner restores them on resume)
+    @property
+    def step(self) -> int:
+        return self.state.step
 
-    def _resume_training_state(self, ck: ckpt_io.Checkpoint) -> None:
-        par = self.par
-        opt = ck.optimizer()
-        index = {id(p): i for i, p in enumerate(self.params)}
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for name, p in self.clt.named_parameters():
-            if id(p) not in index or f"{name}.exp_avg" not in opt:
-                continue
-            entry = {}
-            for key in ("step", "exp_avg", "exp_avg_sq"):
-                val = opt.read(f"{name}.{key}", self.features if key != "step" else None)
-                if key != "step" and tuple(val.shape) != tuple(p.shape):
-                    raise ckpt_io.CheckpointError(
-                        f"checkpoint {ck.path}: Adam state {name}.{key} has shape "
-                        f"{tuple(val.shape)} for this rank's slice, expected {tuple(p.shape)}"
-                    )
-                # the param's own layout: the fused Adam kernel walks state and param together
-                entry[key] = val if key == "step" else torch.empty_like(p).copy_(val)
-            state[index[id(p)]] = entry
-        saved = self.opt.state_dict()
-        saved["state"] = state
-        self.opt.load_state_dict(saved)  # applies torch's device/dtype rules for "step"
-        since = opt.read("since_fired", self.features)
-        self.since_fired.copy_(since.to(self.device))
-        st = ck.state
-        self.step, self.tokens = int(st["step"]), int(st["tokens"])
-        self.l0_target_hit = bool(st.get("l0_target_hit", False))
-        if self.scaler is not None and st.get("scaler"):
-            self.scaler.load_state_dict(st["scaler"])
-        same = ck.world == {"data_size": par.data_size, "feature_size": par.feature_size}
-        rank_state = ck.rank_state(par.rank, same)
-        rng.restore(rank_state["rng"])
-        self.clt._density_hint = rank_state.get("density_hint")
-        data_state = ck.data_state
-        if data_state.get("kind") == PER_DATA_RANK:
-            data_state = data_state["ranks"][par.data_rank]
-        self.source.load_state_dict(data_state)
-        self.last_checkpoint = ck.path
-        self.log.truncate_after(self.step)
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    @property
+    def tokens(self) -> int:
+        return self.state.tokens
+
+    @tokens.setter
+    def tokens(self, value: int) -> None:
+        self.state.tokens = value
+
+    @property
+    def since_fired(self) -> torch.Tensor:
+        return self.state.since_fired
+
+    @since_fired.setter
+    def since_fired(self, value: torch.Tensor) -> None:
+        self.state.since_fired = value
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return self.state.last_checkpoint
+
+    @last_checkpoint.setter
+    def last_checkpoint(self, value: Path | None) -> None:
+        self.state.last_checkpoint = value
+
+    @property
+    def l0_target_hit(self) -> bool:
+        return self.state.l0_target_hit
+
+    @l0_target_hit.setter
+    def l0_target_hit(self, value: bool) -> None:
+        self.state.l0_target_hit = value
 
     def _autocast(self):
         if self.cfg.autocast == "none":
@@ -404,14 +165,15 @@ class Trainer:
         total = (sharded_sq + _sq_norm(replicated, self.device)).sqrt()
         if self.cfg.grad_clip > 0:
             coef = (self.cfg.grad_clip / (total + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
+            if self._clip_in_adam:  # the fused kernel divides by grad_scale: no extra pass
+                self.opt.grad_scale = coef.reciprocal()
+            else:
+                torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
         return total
 
     def train(self):
+        """Run the loop to ``cfg.n_steps`` (or the L0 target); returns the trained CLT."""
         cfg = self.cfg
-        if self.heldout is None and cfg.eval_every and cfg.heldout_tokens:
-            self.heldout = self._collect_heldout()  # first: a bad split fails before training
-        self._setup_model()
         if self.par.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -458,7 +220,6 @@ class Trainer:
             self.log.close()
             self.source.close()
         return self.clt
-
     def _l0_target_reached(self, rec: dict[str, Any]) -> bool:
         cfg = self.cfg
         if cfg.l0_target is None or self.l0_target_hit:
@@ -637,6 +398,7 @@ class Trainer:
         }
 
     # ---- checkpoints -----------------------------------------------------------------------
+
     def _own_reads(self) -> bool:
         """Whether data ranks read different parts of the data (each has its own position)."""
         return self.par.data_size > 1 and not self.slice_reads
@@ -649,30 +411,7 @@ class Trainer:
         states = self.par.gather_objects(own)
         fsize = self.par.feature_size
         ranks = [states[d * fsize] for d in range(self.par.data_size)]
-        return {"kind": PER_DATA_RANK, "data_size": self.par.data_size, "ranks": ranks}
-
-    def _check_data_layout(self, data_state: dict[str, Any]) -> None:
-        """Refuse a resume whose data positions cannot mean the same batches here.
-
-        Feature layouts always convert (weights and optimizer state are saved whole); a data
-        position converts when both runs read one global stream (one data rank, or
-        data_parallel_reads=slice), and otherwise only to the same number of data ranks.
-        """
-        saved = data_state["data_size"] if data_state.get("kind") == PER_DATA_RANK else None
-        here = self.par.data_size if self._own_reads() else None
-        if saved == here:
-            return
-
-        def describe(n: int | None) -> str:
-            if n is None:
-                return "one global data stream (one data rank, or data_parallel_reads=slice)"
-            return f"{n} data-parallel ranks each reading its own part (data_parallel_reads=shards)"
-
-        raise ConfigError(
-            f"cannot resume {self.resume_from} exactly: it was written by {describe(saved)}, "
-            f"this run has {describe(here)}; resume with the same data layout"
-            + (" or with data_parallel_reads=slice" if saved is None else "")
-        )
+        return {"kind": ckpt_io.PER_DATA_RANK, "data_size": self.par.data_size, "ranks": ranks}
 
     def _ckpt_name(self) -> str:
         return f"step_{self.step:08d}"
@@ -748,8 +487,3 @@ class Trainer:
         final = self.run_dir / "final"
         consolidate(self.last_checkpoint, final)
         plot_training_curves(self.log.path, self.run_dir / PLOT_FILE)
-
-
-def train(cfg: TrainConfig, **kwargs: Any):
-    """Train a CLT; see :class:`Trainer`. Returns the trained CLT."""
-    return Trainer(cfg, **kwargs).train()

@@ -1,0 +1,165 @@
+"""Command-line options generated from a dataclass config, with ``--help`` that documents them.
+
+Every ``clt-lens`` command is ``clt-lens CMD [CONFIG.yaml] [--field value ...]``: the fields of
+its config dataclass (nested ones with dotted names, ``--source.model``) become options, each
+listed by ``--help`` with its type, default and the comment written next to the field in the
+dataclass. Values go through :func:`clt_lens.config.load_config`, so YAML files and options
+are checked the same way (unknown keys and bad types refused by name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import io
+import textwrap
+import tokenize
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+from clt_lens.config import ConfigError, load_config
+
+T = TypeVar("T")
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the comment on its line, or the comment lines right above it."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass.__module__.startswith("sae_lens"):
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        comments: dict[int, str] = {}
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            text = tok.string.lstrip("#").strip()
+            if tok.type == tokenize.COMMENT and not text.startswith(("---", "fmt:", "noqa")):
+                comments[tok.start[0]] = text
+        lines = src.splitlines()
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                line = node.lineno
+                doc = comments.get(line) if not lines[line - 1].lstrip().startswith("#") else None
+                if doc is None:
+                    above, n = [], line - 1
+                    while n in comments and lines[n - 1].lstrip().startswith("#"):
+                        above.insert(0, comments[n])
+                        n -= 1
+                    doc = " ".join(above) or None
+                if doc:
+                    docs[node.target.id] = doc
+    return docs
+
+
+def type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return "|".join("none" if a is type(None) else type_name(a) for a in args)
+    if origin in (list, tuple, Sequence):
+        return f"list[{type_name(args[0]) if args else 'any'}]"
+    if origin in (dict, Mapping):
+        return "mapping"
+    if tp is bool:
+        return "true|false"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _walk(cls: type, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name.startswith("_"):
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _walk(tp, f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        yield prefix + f.name, tp, default, docs.get(f.name, "")
+
+
+def _fmt_default(value: Any) -> str:
+    if value is dataclasses.MISSING:
+        return "required"
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
+                         aliases: Mapping[str, str] | None = None) -> None:  # fmt: skip
+    """One ``--field`` option per (nested) field of ``cls``; ``aliases`` maps an old spelling
+    to a field (it keeps working, and its help names the field)."""
+    group = parser.add_argument_group(f"{cls.__name__} fields (also settable in CONFIG.yaml)")
+    for name, tp, default, doc in _walk(cls):
+        help_ = f"{doc} " if doc else ""
+        help_ += f"[{type_name(tp)}; default {_fmt_default(default)}]"
+        flags = [f"--{name}"]
+        if "_" in name:
+            flags.append(f"--{name.replace('_', '-')}")
+        group.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar="V",
+                           nargs="?", const="true", help=help_.replace("%", "%%"))  # fmt: skip
+    for old, new in (aliases or {}).items():
+        group.add_argument(f"--{old}", dest=new, default=argparse.SUPPRESS, metavar="V",
+                           help=f"old spelling of --{new}")  # fmt: skip
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, config: str | Path | None,
+                     extra: Mapping[str, Any] | None = None) -> T:  # fmt: skip
+    """The config: YAML file ``config`` (optional), then the options given, then ``extra``."""
+    names = {name for name, *_ in _walk(cls)}
+    overrides: dict[str, Any] = {}
+    for name in names:
+        if hasattr(args, name):
+            node = overrides
+            *parents, leaf = name.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            raw = getattr(args, name)
+            node[leaf] = _yaml_value(raw) if isinstance(raw, str) else raw
+    for key, value in (extra or {}).items():
+        overrides.setdefault(key, value)
+    return load_config(cls, config, overrides)
+
+
+def _yaml_value(raw: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def split_config_path(positional: Sequence[str]) -> tuple[str | None, list[str]]:
+    """(YAML file, other positional words) from the words before the options."""
+    config, rest = None, []
+    for word in positional:
+        if config is None and (word.endswith((".yaml", ".yml")) or Path(word).is_file()):
+            config = word
+        else:
+            rest.append(word)
+    return config, rest
+
+
+def reject_unknown(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> None:
+    if unknown:
+        raise ConfigError(f"unknown option(s) {list(unknown)}; see '{parser.prog} --help'")

@@ -1,0 +1,163 @@
+"""Break each headline guarantee on purpose and check that a test fails (a mutation check).
+
+    python scripts/test_the_tests.py               # every break (about 20-30 minutes)
+    python scripts/test_the_tests.py --only resume_hint,sharded_topk
+    python scripts/test_the_tests.py --list
+
+Each break is one exact text replacement in one file of a scratch copy of the working tree
+(nothing here is modified). The named tests then run on that copy; a break is *caught* when
+they fail. CONTRIBUTING.md lists the breaks and the tests that catch them; keep both in step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+IGNORE = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".pytest_cache",
+                                "*.egg-info")  # fmt: skip
+
+
+@dataclass
+class Break:
+    guarantee: str
+    file: str
+    old: str
+    new: str
+    tests: list[str]
+
+
+BREAKS: dict[str, Break] = {
+    "resume_hint": Break(
+        "exact resume: the sparse/dense decode hint is restored",
+        "clt_lens/training/runner.py",
+        'self.clt._density_hint = rank_state.get("density_hint")',
+        "self.clt._density_hint = None",
+        ["tests/test_resume.py::test_sigkill_and_resume_is_bit_identical[sparse]"],
+    ),
+    "resume_feature_health": Break(
+        "exact resume: dead-feature counters are restored",
+        "clt_lens/training/runner.py",
+        "self.state.since_fired.copy_(since.to(self.device))",
+        "pass",
+        ["tests/test_resume.py::test_sigkill_and_resume_is_bit_identical[dense]"],
+    ),
+    "resume_scaler": Break(
+        "exact resume: the fp16 grad scaler is restored",
+        "clt_lens/training/runner.py",
+        'if self.scaler is not None and st.get("scaler"):',
+        "if False:",
+        ["tests/test_resume.py::test_sigkill_and_resume_is_bit_identical[plt_fp16]"],
+    ),
+    "resume_topk_threshold": Break(
+        "exact resume: BatchTopK's running threshold is restored with the weights",
+        "clt_lens/training/runner.py",
+        "        for name, t in dest.items():\n            got = self._read_slice(",
+        "        for name, t in dest.items():\n            if name == 'topk_threshold':\n"
+        "                continue\n            got = self._read_slice(",
+        ["tests/test_resume.py::test_sigkill_and_resume_is_bit_identical[batchtopk_accum]"],
+    ),
+    "sharded_topk": Break(
+        "sharded = one process: TopK's global top-k across feature shards",
+        "clt_lens/clt/comm.py",
+        "    every = comm.gather(top.contiguous())  # [R, ..., k]",
+        "    every = top.unsqueeze(0)  # local top-k only",
+        ["tests/test_sharding.py::test_sharded_equals_one_process[topk]"],
+    ),
+    "sharded_penalty_log": Break(
+        "sharded = one process: logged penalties are summed over feature shards",
+        "clt_lens/training/trainer.py",
+        "term_t[1:3] = par.sum_features(term_t[1:3].clone())",
+        "term_t[1:3] = term_t[1:3].clone()",
+        ["tests/test_sharding.py::test_sharded_equals_one_process[jumprelu_sparse]"],
+    ),
+    "sharded_whole_axis": Break(
+        "no rank ever holds the whole CLT",
+        "clt_lens/training/trainer.py",
+        "        data_state = self._data_state()  # collective with per-rank data positions",
+        "        data_state = self._data_state()  # collective with per-rank data positions\n"
+        "        self.par.comm.gather(self.clt.W_enc.detach())",
+        ["tests/test_sharding.py::test_no_rank_ever_holds_the_whole_feature_axis"],
+    ),
+    "checkpoint_atomic": Break(
+        "a rank killed mid-checkpoint leaves the previous checkpoint whole",
+        "clt_lens/training/trainer.py",
+        "        par.barrier()  # every rank's files are written and fsynced",
+        "        pass",
+        ["tests/test_sharding.py::test_rank_killed_while_writing_a_checkpoint"],
+    ),
+    "circuit_tracer_fold": Break(
+        "circuit-tracer sets reconstruct as our CLT does",
+        "clt_lens/circuits/export.py",
+        '"W_enc": self.layer("W_enc", i) * s_in[i],  # [d, F]',
+        '"W_enc": self.layer("W_enc", i),  # [d, F]',
+        ["tests/test_circuits_export.py"],
+    ),
+    "faithfulness": Break(
+        "attribution edges agree with interventions",
+        "clt_lens/circuits/export.py",
+        '"W_dec": w_dec / s_out[targets][None, :, None],',
+        '"W_dec": w_dec,',
+        ["tests/test_circuits_attribution.py::test_edges_agree_with_interventions"],
+    ),
+    "ci_skips": Break(
+        "under CI nothing is skipped",
+        "tests/ci_rules.py",
+        "    if report.skipped and under_ci()",
+        "    if False and report.skipped and under_ci()",
+        ["tests/test_ci_rules.py"],
+    ),
+}
+
+
+def run_break(name: str, b: Break) -> tuple[bool, float, str]:
+    with tempfile.TemporaryDirectory(prefix=f"ttt-{name}-") as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(ROOT, copy, ignore=IGNORE)
+        target = copy / b.file
+        text = target.read_text()
+        if text.count(b.old) != 1:
+            return False, 0.0, f"the text to break occurs {text.count(b.old)} times in {b.file}"
+        target.write_text(text.replace(b.old, b.new))
+        env = {**os.environ, "PYTHONPATH": str(copy)}
+        env.pop("CI", None)
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                            *b.tests], cwd=copy, env=env, capture_output=True, text=True)
+        tail = (r.stdout.strip().splitlines() or [""])[-1]
+        return r.returncode != 0, time.perf_counter() - t, tail
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=None, help="comma-separated break names")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    names = args.only.split(",") if args.only else list(BREAKS)
+    if args.list:
+        for n in names:
+            print(f"{n}: {BREAKS[n].guarantee} ({BREAKS[n].file}) -> {' '.join(BREAKS[n].tests)}")
+        return 0
+    rows, missed = [], []
+    for n in names:
+        caught, sec, tail = run_break(n, BREAKS[n])
+        rows.append((n, "caught" if caught else "MISSED", f"{sec:.0f} s", tail))
+        print(f"{n}: {'caught' if caught else 'MISSED'} in {sec:.0f} s ({tail})", flush=True)
+        if not caught:
+            missed.append(n)
+    print("\n| break | guarantee | result |\n|---|---|---|")
+    for n, status, _, _ in rows:
+        print(f"| {n} | {BREAKS[n].guarantee} | {status} |")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
