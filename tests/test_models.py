@@ -16,6 +16,7 @@ from transformer_lens import HookedTransformer
 from clt_lens.data import load_tokens
 from clt_lens.models import (
     EMBEDDED_DIR,
+    EMBEDDED_MODELS,
     FAMILIES,
     ModelLoadError,
     load_model,
@@ -123,6 +124,39 @@ def test_embedded_matches_transformers_and_beats_unigram(embedded):
     metrics = json.loads((EMBEDDED_DIR / "metrics.json").read_text())
     assert math.isclose(ce.item(), metrics["heldout_ce_nats"], abs_tol=0.2)
     assert metrics["gap_nats"] >= 1.5
+
+
+def test_embedded_deep_is_deeper_better_and_small():
+    deep_dir = EMBEDDED_MODELS["embedded-deep"]
+    deep = load_model("embedded-deep")
+    assert deep.cfg.n_layers == 8 and deep.cfg.d_model == 128
+    assert deep.cfg.model_name == "embedded-deep" and deep.cfg.dtype == torch.float32
+    # the same tokenizer and text as the default model, so their numbers compare token for token
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (deep_dir / f).read_bytes() == (EMBEDDED_DIR / f).read_bytes()
+    # shipped in fp16 (upcast on load), small enough to ship
+    raw = load_file(str(deep_dir / "model.safetensors"))
+    assert {t.dtype for t in raw.values()} == {torch.float16}
+    assert (deep_dir / "model.safetensors").stat().st_size < 6 * 2**20
+    torch.testing.assert_close(deep.W_E, raw["transformer.wte.weight"].float(), rtol=0, atol=0)
+    shallow = json.loads((EMBEDDED_DIR / "metrics.json").read_text())
+    metrics = json.loads((deep_dir / "metrics.json").read_text())
+    assert metrics["heldout_documents"] == shallow["heldout_documents"]
+    assert metrics["heldout_ce_nats"] < shallow["heldout_ce_nats"] - 0.1
+    rows = load_tokens("embedded", tokenizer=deep.tokenizer, context_size=128, split="heldout",
+                       max_tokens=128 * 48, seed=0)
+    with torch.no_grad():
+        logits = deep(rows)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           rows[:, 1:].reshape(-1))
+    assert math.isclose(ce.item(), metrics["heldout_ce_nats"], abs_tol=0.25)
+
+
+def test_missing_bundled_model_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setitem(EMBEDDED_MODELS, "embedded-deep", tmp_path / "nowhere")
+    with pytest.raises(ModelLoadError, match="bundled model 'embedded-deep' is missing.*"
+                                             "build_embedded_model"):
+        load_model("embedded-deep")
 
 
 # ----------------------------------------------------------------------------------------------

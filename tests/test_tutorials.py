@@ -170,3 +170,29 @@ def test_05_saelens_interop(quickstart, tmp_path):
     else:
         html = (out / "dashboard_layer_1.html").read_text(encoding="utf-8")
         assert "DASHBOARD_DATA" in html and '<meta charset="utf-8">' in html
+
+
+def test_06_clt_vs_plt(tmp_path):
+    out = tmp_path / "06"
+    stdout = run_tutorial("06_clt_vs_plt.py", out)
+    assert "embedded-deep: 8 layers" in stdout
+    for kind in ("clt", "plt"):
+        cfg = json.loads((out / kind / "train_config.json").read_text())
+        assert cfg["cross_layer"] == (kind == "clt") and cfg["model"] == "embedded-deep"
+        result = json.loads((out / f"eval_{kind}" / "eval.json").read_text())
+        assert result["n_layers"] == 8 and "feature_density" in result
+        assert result["training_window"]["step"] == cfg["n_steps"]
+    clt_cfg, plt_cfg = (json.loads((out / k / "train_config.json").read_text())
+                        for k in ("clt", "plt"))
+    # one recipe: only the architecture and the coefficient that matches L0 differ
+    diff = {k for k in clt_cfg if clt_cfg[k] != plt_cfg[k]}
+    assert diff == {"cross_layer", "sparsity_coeff", "out_dir"}
+    graphs = json.loads((out / "graphs.json").read_text())
+    for kind in ("clt", "plt"):
+        rows = graphs[kind]["prompts"]
+        assert len(rows) == 2 and all(0 <= r["replacement"] <= 1 for r in rows)
+        assert all(r["path_length"]["mean"] >= 1 for r in rows)
+    assert [r["prompt"] for r in graphs["clt"]["prompts"]] == \
+        [r["prompt"] for r in graphs["plt"]["prompts"]]
+    assert (out / "clt_vs_plt.png").stat().st_size > 1000
+    assert re.search(r"CLT replacement score higher on \d of 2 prompts", stdout)

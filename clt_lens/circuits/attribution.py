@@ -141,8 +141,10 @@ def model_reference(model: Any, ht: Any) -> str | None:
     if isinstance(model, str | Path):
         path = Path(model).expanduser()
         return str(path.resolve()) if path.exists() else str(model)
-    if ht.cfg.model_name == "embedded":
-        return "embedded"
+    from clt_lens.models import EMBEDDED_MODELS
+
+    if ht.cfg.model_name in EMBEDDED_MODELS:
+        return ht.cfg.model_name
     folder = ht.cfg.tokenizer_name
     if folder and (Path(folder) / "config.json").is_file():
         return str(Path(folder).resolve())

@@ -68,6 +68,12 @@ class CLTConfig(SAEConfig):
     auxk_coeff: float = 1.0 / 32.0
     # Dead features used per layer by the auxiliary-k loss (TopK/BatchTopK); None = d_in // 2.
     auxk: int | None = None
+    # Also apply the auxiliary-k loss to JumpReLU (its dead features' pre-activations, relu'd,
+    # decode the residual); off: JumpReLU revives dead features with the pre-activation loss.
+    auxk_jumprelu: bool = False
+    # Initialise b_enc from data (estimate_normalization's sample) so that each feature fires
+    # on this fraction of the sample at step 0; None keeps b_enc = 0.
+    b_enc_init_rate: float | None = None
     topk_threshold_lr: float = 0.01
     decode: Literal["auto", "sparse", "dense"] = "auto"
     sparse_max_density: float = SPARSE_MAX_DENSITY
@@ -122,6 +128,12 @@ class CLTConfig(SAEConfig):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"CLTConfig.{name} must be >= 0, got {value!r}")
+        if self.b_enc_init_rate is not None and not (
+            isinstance(self.b_enc_init_rate, int | float) and 0 < self.b_enc_init_rate < 1
+        ):
+            raise ConfigError(
+                f"CLTConfig.b_enc_init_rate must be in (0, 1) or None, got {self.b_enc_init_rate!r}"
+            )
         if not 0 < self.topk_threshold_lr <= 1:
             raise ConfigError(
                 f"CLTConfig.topk_threshold_lr must be in (0, 1], got {self.topk_threshold_lr}"

@@ -6,9 +6,9 @@ decoder norm over all its target layers:
 - sparsity = coeff * mean_tokens sum_{l,f} tanh(c * a * w)  (or a * w for "l1");
 - preact = coeff * mean_tokens sum_{dead (l,f)} relu(theta - pre) * w  (theta = 0 unless
   JumpReLU; Anthropic's pre-activation loss, on the dead features given by the trainer);
-- auxk (TopK/BatchTopK) = coeff * scale * sum_j mean_tokens ||e_j - e_hat_j||^2, e_hat decoded
-  (no bias) from each layer's top-``auxk`` dead pre-activations (Gao et al. 2024), scale =
-  min(#dead / (auxk * L), 1).
+- auxk (TopK/BatchTopK; JumpReLU with ``auxk_jumprelu``) = coeff * scale * sum_j mean_tokens
+  ||e_j - e_hat_j||^2, e_hat decoded (no bias) from each layer's top-``auxk`` dead
+  pre-activations (Gao et al. 2024), scale = min(#dead / (auxk * L), 1).
 
 The sparse path works on the *support*: the positions whose dL/da is needed (active features,
 plus JumpReLU positions in the kernel window just below the threshold). It gathers the
@@ -130,7 +130,9 @@ def training_forward(
     dead_pre = None
     has_dead = dead_mask is not None and bool(dead_mask.any())
     wants_auxk = (
-        cfg.activation in ("topk", "batchtopk") and auxk_coeff > 0 and dead_mask is not None
+        (cfg.activation in ("topk", "batchtopk") or (cfg.activation == "jumprelu"
+                                                     and cfg.auxk_jumprelu))
+        and auxk_coeff > 0 and dead_mask is not None
     )
     if has_dead and (preact_coeff > 0 or wants_auxk):
         dead_pre = _dead_preacts(clt, x_lbd, dead_mask)

@@ -151,7 +151,39 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
             scales.append((self.d_model / msq).sqrt())
         self.input_scale.copy_(scales[0].to(self.input_scale))
         self.output_scale.copy_(scales[1].to(self.output_scale))
+        if self.cfg.b_enc_init_rate is not None:
+            # the trainer calls this once, on a fresh CLT, with its data sample
+            self.init_b_enc_from_data(x_raw, self.cfg.b_enc_init_rate)
         return self.input_scale.clone(), self.output_scale.clone()
+
+    @torch.no_grad()
+    def init_b_enc_from_data(self, x_raw: Tensor, rate: float) -> Tensor:
+        """Set ``b_enc`` so that each feature fires on ``rate`` of the tokens of ``x_raw``.
+
+        A feature fires when its pre-activation exceeds its threshold (JumpReLU), 0 (ReLU) or
+        the rest of the batch (TopK, where only the ordering of b_enc matters); this puts the
+        (1 - rate) quantile of ``x @ W_enc`` at that level, per feature, so that
+        ``floor(rate * B)`` of the B tokens fire. Each feature needs only
+        its own encoder column, so a feature slice gets the same values as the whole CLT.
+        Returns the new ``b_enc`` [L, F].
+        """
+        self.check_activations(x_raw, "x_raw")
+        if not 0 < rate < 1:
+            raise ValueError(f"rate must be in (0, 1), got {rate}")
+        n_tokens = x_raw.shape[0]
+        if n_tokens < 2:
+            raise ValueError("init_b_enc_from_data needs at least 2 tokens")
+        n_fire = min(max(math.floor(rate * n_tokens), 1), n_tokens - 1)
+        x_lbd = self.normalize_inputs(x_raw)
+        level = self.threshold if self.cfg.activation == "jumprelu" else None
+        for layer in range(self.n_layers):
+            pre = x_lbd[layer] @ self.W_enc[layer]  # [B, F]
+            top = pre.topk(n_fire + 1, dim=0).values  # descending
+            # midway between the n_fire-th and the next value: no token sits on the threshold
+            q = (top[n_fire - 1] + top[n_fire]) / 2
+            target = level[layer] if level is not None else torch.zeros_like(q)
+            self.b_enc[layer].copy_(target - q)
+        return self.b_enc.detach().clone()
 
     def normalize_inputs(self, x_raw: Tensor) -> Tensor:
         """[B, L, d] raw -> [L, B, d] normalised (contiguous, the encoder's layout)."""

@@ -1,4 +1,5 @@
-"""``clt-lens eval CHECKPOINT [--model M] [--dataset D] [--split S] [--tokens N] [--out DIR]``."""
+"""``clt-lens eval CHECKPOINT [--model M] [--dataset D] [--split S] [--tokens N] [--out DIR]
+[--density-tokens N] [--graphs N [--graph-max-nodes K] [--ablate K]]``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-single-layer", action="store_true", help="skip per-layer splices")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="output directory (default CHECKPOINT/eval)")
+    p.add_argument("--density-tokens", type=int, default=131072,
+                   help="count feature firing over this many tokens of the split (at most all "
+                        "of it) for the dead fraction; 0 skips it")
+    p.add_argument("--graphs", type=int, default=0, metavar="N",
+                   help="attribute N held-out prompts with circuit-tracer and report replacement,"
+                        " completeness, path length, graph size at fixed completeness and "
+                        "influence-vs-ablation faithfulness (slow: ~seconds per prompt)")
+    p.add_argument("--graph-max-nodes", type=int, default=None,
+                   help="circuit-tracer max_feature_nodes for --graphs (default: all)")
+    p.add_argument("--ablate", type=int, default=24,
+                   help="features ablated per graph for the faithfulness score (0: skip)")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -37,6 +49,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         single_layer_splices=not args.no_single_layer,
         device=args.device,
         out_dir=out,
+        density_tokens=args.density_tokens,
+        graph_prompts=args.graphs,
+        graph_max_feature_nodes=args.graph_max_nodes,
+        graph_ablate=args.ablate,
     )
     print(markdown_table(result))
     print(f"\nwritten: {out / 'eval.json'}, {out / 'eval_layers.png'}, {out / 'density.png'}")

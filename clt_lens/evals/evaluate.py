@@ -10,6 +10,7 @@ and next-token top-1 agreement; the same for each single-layer splice.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +91,26 @@ def evaluate(
     device: str = "cpu",
     out_dir: str | Path | None = None,
     progress: bool = True,
+    density_tokens: int = 0,
+    graph_prompts: int | Sequence[str] = 0,
+    graph_max_feature_nodes: int | None = None,
+    graph_ablate: int = 24,
 ) -> dict[str, Any]:
-    """Evaluate a CLT on held-out tokens; write eval.json + plots to ``out_dir`` if given."""
+    """Evaluate a CLT on held-out tokens; write eval.json + plots to ``out_dir`` if given.
+
+    ``density_tokens`` > 0: also count feature firing over that many tokens of ``split`` (at
+    most what the split has): ``feature_density``. ``graph_prompts``: a number of held-out
+    prompts (``heldout_prompts``) or a list of prompts to attribute: ``graphs``, with
+    ``graph_max_feature_nodes`` (circuit-tracer's cap; None = every active feature) and
+    ``graph_ablate`` features ablated per graph for the faithfulness score.
+    """
     from clt_lens.activations import HookSpec, collect_activations
     from clt_lens.clt.splice import run_with_clt
     from clt_lens.data import load_tokens
     from clt_lens.models import load_model
 
     dataset = dataset or _training_dataset(clt) or "embedded"
+    clt_path = clt if isinstance(clt, (str, Path)) else None
     clt = load_clt(clt, device=device)
     model_name = model if isinstance(model, str) else None
     if model is None or isinstance(model, str):
@@ -106,6 +119,13 @@ def evaluate(
     check_compatible(clt, model, model_name)
     if n_tokens <= 0:
         raise EvalError(f"n_tokens must be positive, got {n_tokens}")
+    if density_tokens < 0:
+        raise EvalError(f"density_tokens must be >= 0, got {density_tokens}")
+    if isinstance(graph_prompts, int) and graph_prompts < 0:
+        raise EvalError(f"graph_prompts must be >= 0 or a list of prompts, got {graph_prompts}")
+    if graph_ablate < 0 or (graph_max_feature_nodes is not None and graph_max_feature_nodes < 1):
+        raise EvalError("graph_ablate must be >= 0 and graph_max_feature_nodes positive or None")
+    window = training_window_deadness(clt_path)
     ctx = int(getattr(clt.cfg.metadata, "context_size", None) or model.cfg.n_ctx)
     ctx = min(ctx, model.cfg.n_ctx)
     n_seq = -(-n_tokens // ctx)
@@ -190,6 +210,21 @@ def evaluate(
             }
             for l in range(L)
         ]
+    if density_tokens:
+        result["feature_density"] = feature_density(
+            clt, model, dataset=dataset, split=split, n_tokens=density_tokens, ctx=ctx,
+            batch_size=batch_size, hooks=hooks, device=device, progress=progress)
+    if window is not None:
+        result["training_window"] = window
+    if graph_prompts:
+        from clt_lens.evals.graph_metrics import evaluate_graphs, heldout_prompts
+
+        prompts = (heldout_prompts(graph_prompts, tokenizer=model.tokenizer, split=split)
+                   if isinstance(graph_prompts, int) else list(graph_prompts))
+        graphs = evaluate_graphs(clt, prompts, model=model, device=device,
+                                 max_feature_nodes=graph_max_feature_nodes,
+                                 n_ablate=graph_ablate, progress=progress)
+        result["graphs"] = graphs
     if out_dir is not None:
         from clt_lens.evals.report import write_outputs
 
@@ -211,3 +246,59 @@ def _block_relative(name: str) -> str:
     if parts[0] == "blocks" and len(parts) > 2:
         return ".".join(parts[2:])
     return name
+
+
+@torch.no_grad()
+def feature_density(
+    clt: Any, model: Any, *, dataset: str, split: str, n_tokens: int, ctx: int,
+    batch_size: int, hooks: Any, device: str = "cpu", progress: bool = True,
+) -> dict[str, Any]:
+    """How often each feature fires over up to ``n_tokens`` tokens of ``split`` (encoder only):
+    per layer the fraction that never fires (dead), that fires on fewer than 1 in 10^4 tokens
+    and that fires at most 10 times."""
+    from clt_lens.activations import collect_activations
+    from clt_lens.data import load_tokens
+
+    tokens = load_tokens(dataset, tokenizer=model.tokenizer, context_size=ctx, split=split,
+                         max_tokens=-(-n_tokens // ctx) * ctx, shuffle=False)
+    L, F = clt.cfg.n_layers, clt.cfg.d_sae
+    counts = torch.zeros(L, F, dtype=torch.long)
+    seen = 0
+    for toks in tqdm(tokens.split(batch_size), desc="density", disable=not progress,
+                     unit="batch"):
+        x, _ = collect_activations(model, toks.to(device), hooks)
+        counts += (clt.encode(x) != 0).sum(0).cpu()
+        seen += x.shape[0]
+    freq = counts.double() / max(seen, 1)
+    return {
+        "n_tokens": seen,
+        "dead_fraction": (counts == 0).double().mean(-1).tolist(),
+        "rare_fraction_1e-4": ((counts > 0) & (freq < 1e-4)).double().mean(-1).tolist(),
+        "fires_at_most_10_times": ((counts > 0) & (counts <= 10)).double().mean(-1).tolist(),
+        "mean_dead_fraction": float((counts == 0).double().mean()),
+    }
+
+
+def training_window_deadness(path: Any) -> dict[str, Any] | None:
+    """The last training record's dead fraction per layer (features silent over the trainer's
+    ``dead_window_tokens``), if ``path`` is a training run or its ``final`` folder."""
+    if not isinstance(path, (str, Path)):
+        return None
+    p = Path(path)
+    for run in (p, p.parent):
+        log, cfg = run / "metrics.jsonl", run / "train_config.json"
+        if log.is_file() and cfg.is_file():
+            last = None
+            for line in log.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    if rec.get("kind") == "train" and "dead_frac_per_layer" in rec:
+                        last = rec
+            if last is None:
+                return None
+            window = json.loads(cfg.read_text()).get("dead_window_tokens")
+            dead = last["dead_frac_per_layer"]
+            return {"step": last["step"], "tokens": last.get("tokens"),
+                    "window_tokens": window, "dead_fraction": dead,
+                    "mean_dead_fraction": sum(dead) / len(dead)}
+    return None

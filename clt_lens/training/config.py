@@ -41,6 +41,8 @@ class TrainConfig:
     sparsity_c: float = 4.0
     preact_coeff: float = 3e-6
     auxk_coeff: float = 1 / 32
+    auxk_jumprelu: bool = False  # the aux-k loss for JumpReLU too (CLTConfig.auxk_jumprelu)
+    b_enc_init_rate: float | None = None  # b_enc from data: each feature fires on this fraction
     jumprelu_bandwidth: float = 0.05
     jumprelu_ste_to_input: bool = False
     jumprelu_init_threshold: float = 0.03
@@ -155,6 +157,10 @@ class TrainConfig:
         need(
             self.context_size is None or self.context_size > 1,
             f"context_size must be > 1, got {self.context_size}",
+        )
+        need(
+            self.b_enc_init_rate is None or 0 < self.b_enc_init_rate < 1,
+            f"b_enc_init_rate must be in (0, 1) or null, got {self.b_enc_init_rate}",
         )
         if self.l0_target is not None:
             need(self.l0_target > 0, f"l0_target must be positive, got {self.l0_target}")
