@@ -99,7 +99,8 @@ def test_demo_index_renders_offline(demo, tmp_path):
         # evaluation tables as tables, every image drawn
         rows = driver.js("return Array.from(document.querySelectorAll('table.eval'))"
                          ".map(t => t.querySelectorAll('tbody tr').length)")
-        assert rows == [4, 6], rows
+        # per layer (4), replacement model (6), feature density (held-out, rare, window)
+        assert rows == [4, 6, 3], rows
         assert driver.js("return Array.from(document.images)"
                          ".every(i => i.complete && i.naturalWidth > 0)")
         assert driver.js("return document.images.length") >= 3
