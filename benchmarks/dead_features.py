@@ -124,8 +124,9 @@ def train_variant(name: str, root: Path, cache: Path, args: argparse.Namespace) 
 
 def evaluate_variant(run: dict[str, Any], model: Any, args: argparse.Namespace) -> dict[str, Any]:
     from clt_lens.activations import HookSpec
+    from clt_lens.clt.loading import load_clt
     from clt_lens.evals import evaluate
-    from clt_lens.evals.evaluate import feature_density, load_clt
+    from clt_lens.evals.evaluate import feature_density
 
     final = Path(run["run_dir"]) / "final"
     res = evaluate(final, model=model, n_tokens=args.eval_tokens, single_layer_splices=False,

@@ -196,9 +196,9 @@ def _dashboards(final: Path, model: Any, chosen: dict[int, list[dict[str, Any]]]
     """One SAE-Dashboard page per layer for the chosen features."""
     import torch
 
+    from clt_lens.clt.loading import load_clt
     from clt_lens.data import load_tokens
     from clt_lens.features import write_dashboard
-    from clt_lens.features.stats import load_clt
 
     clt = load_clt(final)
     tokens = load_tokens("embedded", tokenizer=model.tokenizer, context_size=model.cfg.n_ctx,

@@ -246,7 +246,7 @@ def test_bad_input_fails_before_heavy_work(tmp_path, embedded_model, clt, monkey
         attribute_prompt(clt, PROMPT, max_feature_nodes=0, **kw)
     with pytest.raises(CircuitsError, match="slug"):
         attribute_prompt(clt, PROMPT, slug="../evil", **kw)
-    with pytest.raises(CircuitsError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         attribute_prompt(tmp_path / "missing", PROMPT, **kw)
     with pytest.raises(CircuitsError, match="max_n_logits"):
         attribute_prompt(clt, PROMPT, max_n_logits=10**6, **kw)

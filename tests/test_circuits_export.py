@@ -20,6 +20,7 @@ from clt_lens.circuits import (
 )
 from clt_lens.circuits.synthetic import random_clt
 from clt_lens.cli import main
+from clt_lens.clt.loading import CheckpointError
 
 VARIANTS = [  # (cross_layer, activation, skip, layout)
     (True, "jumprelu", False, "auto"),
@@ -135,7 +136,7 @@ def test_export_rejects_what_circuit_tracer_cannot_load(tmp_path, embedded_model
         write_circuit_tracer_set(clt, tmp_path / "c", layout="per_layer")
     with pytest.raises(CircuitsError, match="layout"):
         write_circuit_tracer_set(clt, tmp_path / "d", layout="diagonal")
-    with pytest.raises(CircuitsError, match="not a CLT checkpoint"):
+    with pytest.raises(CheckpointError, match="not a CLT checkpoint"):
         write_circuit_tracer_set(tmp_path, tmp_path / "e")
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 

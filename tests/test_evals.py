@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clt_lens.clt.loading import CheckpointError
 from clt_lens.evals import EvalError, evaluate, markdown_table
 from clt_lens.evals.metrics import LayerStats, ce_recovered, kl_div, token_ce
 
@@ -107,7 +108,7 @@ def test_bad_inputs(embedded_model, small_clt, tmp_path: Path):
     from clt_lens.clt import CLTConfig, CrossLayerTranscoder
 
     other = CrossLayerTranscoder(CLTConfig(d_in=128, d_sae=16, n_layers=2))
-    with pytest.raises(EvalError, match="2 layers"):
+    with pytest.raises(CheckpointError, match="n_layers=2"):
         evaluate(other, model=embedded_model, n_tokens=128, progress=False)
     with pytest.raises(EvalError, match="fewer than"):
         evaluate(small_clt, model=embedded_model, n_tokens=10**9, progress=False)

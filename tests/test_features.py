@@ -174,7 +174,7 @@ def test_features_json_manifest(streamed, clt):
 
     assert len(AutoTokenizer.from_pretrained(m["tokenizer"])) == len(model().tokenizer)
     # an in-memory CLT is saved beside the statistics so the manifest names a real folder
-    from clt_lens.features.stats import load_clt
+    from clt_lens.clt.loading import load_clt
 
     reloaded = load_clt(m["checkpoint"])
     assert torch.equal(reloaded.W_enc, clt.W_enc)

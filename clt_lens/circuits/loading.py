@@ -1,121 +1,22 @@
-"""Finding a CLT (object, SAELens folder or training run) and loading circuit-tracer sets offline.
-
-Cheap checks come first: ``read_clt_config`` reads ``cfg.json`` only, so sizes and hooks can be
-validated against a model before any weights are read.
-"""
+"""Loading circuit-tracer transcoder sets offline (CLT checkpoints: ``clt_lens.clt.loading``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from clt_lens.circuits.errors import CircuitsError
-from clt_lens.clt.storage import SHARD_INDEX, is_sharded, sharded_disk_loader
+from clt_lens.clt.loading import (  # noqa: F401  (re-exported: circuits code and users import them here)
+    CheckpointError,
+    clt_summary,
+    load_clt,
+    read_clt_config,
+    resolve_checkpoint_dir,
+)
 
 CONFIG_YAML = "config.yaml"
-
-
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """The SAELens folder (``cfg.json`` + ``sae_weights.safetensors``) that ``path`` names.
-
-    ``path`` may be that folder, a training run (its ``final/`` folder, else the checkpoint named
-    by ``checkpoints/LATEST``), or a run's ``checkpoints/`` folder.
-    """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CircuitsError(f"CLT checkpoint {str(p)!r} does not exist")
-    candidates = [p, p / "final"]
-    for latest in (p / "checkpoints" / "LATEST", p / "LATEST"):
-        if latest.is_file():
-            candidates.append(latest.parent / latest.read_text().strip())
-    for c in candidates:
-        if (c / "cfg.json").is_file():
-            if (c / SHARD_INDEX).is_file():  # feature-sharded: read through TensorReader
-                return c.resolve()
-            if not (c / "sae_weights.safetensors").is_file():
-                raise CircuitsError(f"CLT checkpoint {str(c)!r} has cfg.json but no "
-                                    "sae_weights.safetensors")
-            return c.resolve()
-    raise CircuitsError(
-        f"{str(p)!r} is not a CLT checkpoint: expected cfg.json + sae_weights.safetensors in it, "
-        "in its final/ folder, or in the checkpoint named by checkpoints/LATEST"
-    )
-
-
-def read_clt_config(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's ``cfg.json`` as a dict (no weights read); checks it is a CLT."""
-    cfg_file = resolve_checkpoint_dir(path) / "cfg.json"
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CircuitsError(f"{cfg_file} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict) or cfg.get("architecture") != "clt":
-        arch = cfg.get("architecture") if isinstance(cfg, dict) else None
-        raise CircuitsError(f"{cfg_file}: architecture is {arch!r}, expected 'clt'")
-    for key in ("d_in", "d_sae", "n_layers"):
-        if not isinstance(cfg.get(key), int):
-            raise CircuitsError(f"{cfg_file}: missing integer {key!r}")
-    return cfg
-
-
-def load_clt(clt_or_path: Any, *, device: str | torch.device = "cpu") -> Any:
-    """A ``CrossLayerTranscoder``: returned as is, or loaded from a checkpoint path."""
-    from clt_lens.clt import CrossLayerTranscoder  # importing registers "clt" with SAELens
-
-    if isinstance(clt_or_path, CrossLayerTranscoder):
-        return clt_or_path
-    if not isinstance(clt_or_path, str | Path):
-        raise CircuitsError(
-            "expected a CrossLayerTranscoder or a checkpoint path, got "
-            f"{type(clt_or_path).__name__}"
-        )
-    read_clt_config(clt_or_path)
-    from sae_lens import SAE
-    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
-
-    ckpt = resolve_checkpoint_dir(clt_or_path)
-    converter = sharded_disk_loader if is_sharded(ckpt) else sae_lens_disk_loader
-    clt = SAE.load_from_disk(str(ckpt), device=str(device), converter=converter)
-    if not isinstance(clt, CrossLayerTranscoder):
-        raise CircuitsError(f"{clt_or_path} did not load as a CrossLayerTranscoder")
-    return clt.eval()
-
-
-def clt_summary(clt_or_path: Any) -> dict[str, Any]:
-    """Sizes, hooks and activation of a CLT object or checkpoint, read without loading weights."""
-    from clt_lens.clt import CrossLayerTranscoder
-
-    if isinstance(clt_or_path, CrossLayerTranscoder):
-        cfg = clt_or_path.cfg
-        return {
-            "n_layers": cfg.n_layers,
-            "d_model": cfg.d_in,
-            "d_sae": cfg.d_sae,
-            "activation": cfg.activation,
-            "cross_layer": cfg.cross_layer,
-            "skip": cfg.skip,
-            "input_hook": cfg.input_hook,
-            "output_hook": cfg.output_hook,
-            "model_name": cfg.metadata.model_name,
-            "source": None,
-        }
-    raw = read_clt_config(clt_or_path)
-    meta = raw.get("metadata") or {}
-    return {
-        "n_layers": raw["n_layers"],
-        "d_model": raw["d_in"],
-        "d_sae": raw["d_sae"],
-        "activation": raw.get("activation", "jumprelu"),
-        "cross_layer": raw.get("cross_layer", True),
-        "skip": raw.get("skip", False),
-        "input_hook": meta.get("hook_name") or "ln2.hook_normalized",
-        "output_hook": meta.get("hook_name_out") or "hook_mlp_out",
-        "model_name": meta.get("model_name"),
-        "source": str(resolve_checkpoint_dir(clt_or_path)),
-    }
 
 
 def is_transcoder_set_dir(path: Any) -> bool:

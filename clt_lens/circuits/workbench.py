@@ -137,7 +137,7 @@ class Workbench:
 
             try:
                 self._summaries[transcoders] = source_summary(transcoders)
-            except CircuitsError as e:
+            except CLTLensError as e:  # CircuitsError, or CheckpointError from a CLT folder
                 raise WorkbenchError(503, f"cannot read the transcoders {transcoders!r}: {e}") \
                     from e
         return self._summaries[transcoders]

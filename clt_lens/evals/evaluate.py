@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from clt_lens.clt.loading import check_compatible, load_clt
 from clt_lens.errors import CLTLensError
 from clt_lens.evals.metrics import CEStats, LayerStats, ce_recovered, kl_div, token_ce
 
@@ -25,44 +26,9 @@ class EvalError(CLTLensError, ValueError):
     """The checkpoint, model or data cannot be evaluated together."""
 
 
-def load_clt(clt_or_path: Any, device: str = "cpu"):
-    """A CrossLayerTranscoder object, or a SAELens folder / training run directory."""
-    if not isinstance(clt_or_path, (str, Path)):
-        return clt_or_path
-    from sae_lens import SAE
-
-    import clt_lens.clt  # noqa: F401  (registers the architecture)
-
-    p = Path(clt_or_path)
-    if (p / "final" / "cfg.json").is_file():
-        p = p / "final"
-    if not (p / "cfg.json").is_file():
-        raise EvalError(
-            f"{str(p)!r} is not a CLT checkpoint (no cfg.json); pass a SAELens "
-            "folder or a training run directory"
-        )
-    return SAE.load_from_disk(str(p), device=device)
-
-
 def _clt_model_name(clt: Any) -> str | None:
     meta = getattr(clt.cfg, "metadata", None)
     return getattr(meta, "model_name", None) if meta is not None else None
-
-
-def check_compatible(clt: Any, model: Any, model_name: str | None = None) -> None:
-    """Raise EvalError unless the CLT was built for this model's layers, width and name."""
-    L, d = model.cfg.n_layers, model.cfg.d_model
-    if clt.cfg.n_layers != L or clt.cfg.d_in != d:
-        raise EvalError(
-            f"checkpoint is for {clt.cfg.n_layers} layers x d_model {clt.cfg.d_in}, but the model "
-            f"has {L} layers x d_model {d}"
-        )
-    trained_on = _clt_model_name(clt)
-    if model_name is not None and trained_on not in (None, "", model_name):
-        raise EvalError(
-            f"checkpoint was trained on model {trained_on!r}, not {model_name!r}; pass "
-            f"model={trained_on!r}"
-        )
 
 
 def _training_dataset(path: Any) -> str | None:

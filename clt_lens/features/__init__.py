@@ -17,7 +17,7 @@ from typing import Any
 _EXPORTS = {
     "FeaturesConfig": "clt_lens.features.stats",
     "compute_feature_stats": "clt_lens.features.stats",
-    "load_clt": "clt_lens.features.stats",
+    "load_clt": "clt_lens.clt.loading",
     "read_manifest": "clt_lens.features.format",
     "iter_features": "clt_lens.features.format",
     "validate_feature": "clt_lens.features.format",

@@ -106,9 +106,10 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
 def _dashboards(cfg: FeaturesConfig, out: Path) -> None:
     import torch
 
+    from clt_lens.clt.loading import load_clt
     from clt_lens.data import load_tokens
     from clt_lens.features.dashboard import write_dashboard
-    from clt_lens.features.stats import _resolve_model, load_clt
+    from clt_lens.features.stats import _resolve_model
 
     manifest = json.loads((out / "features.json").read_text(encoding="utf-8"))
     clt = load_clt(manifest["checkpoint"])

@@ -123,7 +123,7 @@ def write_dashboard(
     the pinned page scripts (default: ``$CLT_LENS_VIEWER_JS`` or the user cache).
     """
     require_sae_dashboard()
-    from clt_lens.features.stats import check_compatible
+    from clt_lens.clt.loading import check_compatible
 
     if not 0 <= layer < clt.cfg.n_layers:
         raise InputError(f"layer {layer} out of range [0, {clt.cfg.n_layers - 1}]")

@@ -35,8 +35,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clt_lens.clt.loading import check_compatible, load_clt, resolve_checkpoint_dir
 from clt_lens.config import ConfigError, config_to_dict
-from clt_lens.errors import InputError, MissingFileError
+from clt_lens.errors import InputError
 from clt_lens.features.format import (
     DEFAULT_SOURCESET,
     FORMAT_VERSION,
@@ -106,58 +107,10 @@ class FeaturesConfig:
 # Inputs
 
 
-def load_clt(checkpoint: str | Path, device: str | torch.device = "cpu") -> Any:
-    """A CrossLayerTranscoder from its SAELens folder (cfg.json + sae_weights.safetensors)."""
-    path = Path(checkpoint).expanduser()
-    if not (path / "cfg.json").is_file():
-        raise MissingFileError(
-            f"{path / 'cfg.json'} not found: CHECKPOINT must be a CLT SAELens folder "
-            "(cfg.json + sae_weights.safetensors) written by 'clt-lens train'"
-        )
-    cfg = json.loads((path / "cfg.json").read_text(encoding="utf-8"))
-    if cfg.get("architecture") != "clt":
-        raise InputError(
-            f"{path / 'cfg.json'}: architecture {cfg.get('architecture')!r} is not 'clt'"
-        )
-    from sae_lens import SAE
-
-    from clt_lens.clt.saelens_interop import register
-
-    register()
-    return SAE.load_from_disk(str(path), device=str(device))
-
-
 def _is_clt(obj: Any) -> bool:
     from clt_lens.clt.model import CrossLayerTranscoder
 
     return isinstance(obj, CrossLayerTranscoder)
-
-
-def check_compatible(clt: Any, model: Any) -> None:
-    """Raise ValueError if ``clt`` was not made for ``model`` (layers, width, hooks, id)."""
-    from clt_lens.activations import HookSpec, validate_hooks
-
-    if clt.cfg.n_layers != model.cfg.n_layers:
-        raise InputError(
-            f"the CLT has n_layers={clt.cfg.n_layers} but the model has "
-            f"n_layers={model.cfg.n_layers}: the checkpoint does not match the model"
-        )
-    if clt.cfg.d_in != model.cfg.d_model:
-        raise InputError(
-            f"the CLT has d_in={clt.cfg.d_in} but the model has d_model={model.cfg.d_model}: "
-            "the checkpoint does not match the model"
-        )
-    validate_hooks(model, HookSpec(clt.cfg.input_hook, clt.cfg.output_hook))
-    want = getattr(clt.cfg.metadata, "model_id", None)
-    if want:
-        from clt_lens.models import model_id
-
-        have = model_id(model)
-        if have != want:
-            raise InputError(
-                f"the CLT was trained on model {want} but the given model is {have}: pass the "
-                "model the checkpoint was trained on (--model)"
-            )
 
 
 def _check_layers(layers: list[int] | None, n_layers: int) -> list[int]:
@@ -464,7 +417,7 @@ def run_features(
     if clt is None or isinstance(clt, str | Path):
         if not str(clt or cfg.checkpoint):
             raise ConfigError("features config: checkpoint is required")
-        checkpoint = Path(clt or cfg.checkpoint).expanduser().resolve()
+        checkpoint = resolve_checkpoint_dir(clt or cfg.checkpoint)
         clt = load_clt(checkpoint, device="cpu")
     elif not _is_clt(clt):
         raise InputError(
