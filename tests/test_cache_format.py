@@ -36,14 +36,18 @@ def activations(n=3000, layers=3, d=48, seed=0) -> torch.Tensor:
 
 
 def roundtrip(codec_name: str, t: torch.Tensor, y: torch.Tensor | None = None,
-              chunk_tokens: int | None = None, **params):
-    """Encode (x=t, y=-t unless given), decode; -> (bytes, view, x, y)."""
+              chunk_tokens: int | None = None, device: str = "cpu", **params):
+    """Encode (x=t, y=-t unless given) where the activations are on ``device``, as generation
+    does, and decode on ``device``, as a reader with ``decode_device`` does;
+    -> (bytes, view, x, y) with x, y back on the CPU."""
     codec = make_codec(codec_name, **params)
-    data = b"".join(encode_shard(t, -t if y is None else y, codec, {"shard": 0},
+    y = -t if y is None else y
+    data = b"".join(encode_shard(t.to(device), y.to(device), codec, {"shard": 0},
                                  chunk_tokens=chunk_tokens))
     view = parse_shard(data, "mem")
-    x, y = view.decode()
-    return data, view, x, y
+    x, y = view.decode(*(torch.empty(view.shape, device=device) for _ in range(2)))
+    assert x.device.type == y.device.type == torch.device(device).type
+    return data, view, x.cpu(), y.cpu()
 
 
 def fvu(ref: torch.Tensor, approx: torch.Tensor) -> float:
@@ -53,9 +57,9 @@ def fvu(ref: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("zstd_level", [0, 3])
-def test_fp32_is_exact(zstd_level):
+def test_fp32_is_exact(zstd_level, device):
     t = activations()
-    data, view, x, y = roundtrip("fp32", t, zstd_level=zstd_level)
+    data, view, x, y = roundtrip("fp32", t, zstd_level=zstd_level, device=device)
     assert torch.equal(x, t) and torch.equal(y, -t)
     assert view.header["codec"] == {"name": "fp32", "zstd_level": zstd_level}
     if zstd_level == 0:
@@ -63,23 +67,23 @@ def test_fp32_is_exact(zstd_level):
 
 
 @pytest.mark.parametrize("name,rel", [("fp16", 2.0**-11), ("bf16", 2.0**-8)])
-def test_half_precision_relative_error(name, rel):
+def test_half_precision_relative_error(name, rel, device):
     t = activations()
-    _, _, x, y = roundtrip(name, t)
+    _, _, x, y = roundtrip(name, t, device=device)
     assert torch.all((x - t).abs() <= rel * t.abs() + 1e-7)
     assert torch.equal(y, -x)
 
 
-def test_fp16_refuses_out_of_range():
+def test_fp16_refuses_out_of_range(device):
     t = activations()
     t[0, 0, 0] = 1e6
     with pytest.raises(CacheError, match="fp16.*65504"):
-        roundtrip("fp16", t)
+        roundtrip("fp16", t, device=device)
 
 
-def test_int8_error_within_half_step_per_layer_channel():
+def test_int8_error_within_half_step_per_layer_channel(device):
     t = activations()
-    _, view, x, _ = roundtrip("int8", t)
+    _, view, x, _ = roundtrip("int8", t, device=device)
     step = t.abs().amax(0) / 127  # [L, d]: absmax over the shard per (layer, channel)
     err = (x - t).abs()
     assert torch.all(err <= step / 2 * (1 + 1e-5) + 1e-7)
@@ -98,11 +102,11 @@ def channel_fvu(ref: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("allocation,predict", [("layer", False), ("layer", True),
                                                 ("channel", False), ("channel", True)])
 @pytest.mark.parametrize("target", [1e-2, 1e-3, 1e-4])
-def test_errbound_meets_target_fvu(allocation, predict, target):
+def test_errbound_meets_target_fvu(allocation, predict, target, device):
     t = activations(n=2000)
     t2 = activations(n=2000, seed=1)
     _, view, x, y = roundtrip("errbound", t, t2, target_fvu=target, allocation=allocation,
-                              predict=predict, chunk_tokens=512)
+                              predict=predict, chunk_tokens=512, device=device)
     meta = view.header["tensors"]["x"]
     for layer in range(3):
         got = fvu(t[:, layer], x[:, layer])
@@ -121,9 +125,9 @@ def test_errbound_meets_target_fvu(allocation, predict, target):
     assert torch.all(x[:, 1, 5] == 2.5)  # constant channel exact
 
 
-def test_tight_target_uses_wide_codes():
+def test_tight_target_uses_wide_codes(device):
     t = activations(n=1000)
-    _, view, x, _ = roundtrip("errbound", t, target_fvu=1e-7, predict=False)
+    _, view, x, _ = roundtrip("errbound", t, target_fvu=1e-7, predict=False, device=device)
     assert 16 in view.header["tensors"]["x"]["bits"]  # too many escapes: zigzag 16-bit codes
     for layer in range(3):
         assert float(channel_fvu(t[:, layer], x[:, layer]).max()) <= 1e-7
@@ -138,7 +142,7 @@ def lm_like(embedded_model):
     return x, y
 
 
-def test_channel_bound_holds_next_to_massive_channels(lm_like):
+def test_channel_bound_holds_next_to_massive_channels(lm_like, device):
     """The default bounds every channel: with channels 30-300x the others, the layer bound
     leaves the ordinary channels quantised to noise; the channel bound does not, at >= 3x
     smaller than fp16."""
@@ -148,13 +152,13 @@ def test_channel_bound_holds_next_to_massive_channels(lm_like):
     n, n_layers, d = x.shape
     big = massive_channels(d)
     assert float(x[:, 0, big].std(0).min()) > 20 * float(x[:, 0].std(0).median())
-    data, view, xd, yd = roundtrip("errbound", x, y)  # the default codec
+    data, view, xd, yd = roundtrip("errbound", x, y, device=device)  # the default codec
     assert view.header["codec"]["allocation"] == "channel"
     for layer in range(n_layers):
         for ref, got in ((x, xd), (y, yd)):
             assert float(channel_fvu(ref[:, layer], got[:, layer]).max()) <= 1e-3
     assert x.numel() * 2 * 2 / len(data) >= 3.0  # vs fp16
-    _, _, xl, _ = roundtrip("errbound", x, y, allocation="layer")
+    _, _, xl, _ = roundtrip("errbound", x, y, allocation="layer", device=device)
     ordinary = [c for c in range(d) if c not in big]
     worst = max(float(channel_fvu(x[:, layer], xl[:, layer])[ordinary].median())
                 for layer in range(n_layers))
@@ -162,9 +166,25 @@ def test_channel_bound_holds_next_to_massive_channels(lm_like):
     assert max(view.header["tensors"]["x"]["fvu"]) <= 1e-3
 
 
-def test_chunk_decodes_alone_and_is_checked():
+def assert_same_decode(got: torch.Tensor, ref: torch.Tensor, device: str) -> None:
+    """``got`` lies on ``device`` and equals the CPU decode ``ref``: exactly on the CPU, to
+    float32 rounding elsewhere (a GPU may fuse the decoder's multiply-adds), far below a
+    quantisation step."""
+    assert got.device.type == torch.device(device).type
+    got = got.cpu()
+    if torch.device(device).type == "cpu":
+        assert torch.equal(got, ref)
+    else:
+        tol = 1e-5 * ref.abs().amax(0, keepdim=True) + 1e-6  # per (layer, channel)
+        assert bool(((got - ref).abs() <= tol).all()), float((got - ref).abs().max())
+
+
+@pytest.mark.parametrize("codec", ["errbound", "int8", "bf16"])
+def test_chunk_decodes_alone_and_is_checked(codec, device):
+    """A chunk decodes alone, on the CPU or (codes and parameters moved there) on a GPU, to
+    what the CPU decodes from the whole shard."""
     t = activations(n=1000)
-    data = b"".join(encode_shard(t, -t, make_codec("errbound"), chunk_tokens=128))
+    data = b"".join(encode_shard(t, -t, make_codec(codec), chunk_tokens=128))
     whole = parse_shard(data, "mem")
     x, y = whole.decode()
     assert whole.n_chunks == 8 and whole.chunk_info(7)["n_tokens"] == 1000 - 7 * 128
@@ -173,10 +193,11 @@ def test_chunk_decodes_alone_and_is_checked():
     info = view.chunk_info(3)
     region = bytearray(data[hn + info["offset"] : hn + info["offset"] + info["nbytes"]])
     p = view.params_info()
-    dec = view.decoder("cpu", data[hn + p["offset"] : hn + p["offset"] + p["nbytes"]])
-    ox, oy = torch.empty(128, 3, 48), torch.empty(128, 3, 48)
+    dec = view.decoder(device, data[hn + p["offset"] : hn + p["offset"] + p["nbytes"]])
+    ox, oy = (torch.empty(128, 3, 48, device=device) for _ in range(2))
     view.decode_chunk_into(dec, view.chunk(3, region), ox, oy)
-    assert torch.equal(ox, x[384:512]) and torch.equal(oy, y[384:512])
+    assert_same_decode(ox, x[384:512], device)
+    assert_same_decode(oy, y[384:512], device)
     region[len(region) // 2] ^= 0x01
     with pytest.raises(CacheError, match="sha256 of chunk 3"):
         view.chunk(3, region)
@@ -190,17 +211,17 @@ def test_errbound_beats_int8_size_on_gaussian_data():
 
 
 @pytest.mark.parametrize("name", sorted(CODECS))
-def test_encoding_is_deterministic(name):
-    t = activations(n=500)
+def test_encoding_is_deterministic(name, device):
+    t = activations(n=500).to(device)
     a = b"".join(encode_shard(t, t, make_codec(name)))
     b = b"".join(encode_shard(t.clone(), t.clone(), make_codec(name)))
     assert a == b
 
 
-def test_empty_shard_roundtrip():
+def test_empty_shard_roundtrip(device):
     t = torch.zeros(0, 2, 8)
     for name in CODECS:
-        _, view, x, _ = roundtrip(name, t)
+        _, view, x, _ = roundtrip(name, t, device=device)
         assert x.shape == (0, 2, 8)
 
 

@@ -10,6 +10,7 @@ of a target feature's pre-activation (or of a target's demeaned logit) must equa
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -20,6 +21,7 @@ from test_circuits_common import (
     check_links_match_graph,
     feature_marker,
     make_features_dir,
+    model_on,
 )
 
 import clt_lens.circuits.attribution as attribution
@@ -38,14 +40,15 @@ def plt_(embedded_model):
     return random_clt(embedded_model, d_sae=128, cross_layer=False, activation="relu", seed=12)
 
 
-def test_attribute_prompt_files_scores_and_labels(tmp_path, embedded_model, clt):
+def test_attribute_prompt_files_scores_and_labels(tmp_path, embedded_model, clt, device):
+    model = model_on(device, embedded_model)
     ckpt = tmp_path / "ckpt"
     clt.save_model(ckpt)
     explanations = {(layer, i): f"explained {layer}/{i}" for layer in range(4)
                     for i in range(0, 128, 2)}
     fdir = make_features_dir(tmp_path / "features", clt, explanations=explanations)
     out = tmp_path / "graphs"
-    res = attribute_prompt(ckpt, PROMPT, model=embedded_model, max_feature_nodes=60,
+    res = attribute_prompt(ckpt, PROMPT, model=model, max_feature_nodes=60,
                            batch_size=64, out_dir=out, slug="tobe", features_dir=fdir)
     assert res.json_path == out / "tobe.json" and res.graph_path.is_file()
     assert res.n_feature_nodes == 60 < res.n_active_features
@@ -84,7 +87,7 @@ def test_attribute_prompt_files_scores_and_labels(tmp_path, embedded_model, clt)
     assert summary["n_edges"] == res.n_edges
 
 
-def test_error_ids_no_longer_collide_with_layer0_features(tmp_path, embedded_model):
+def test_error_ids_no_longer_collide_with_layer0_features(tmp_path, embedded_model, device):
     """Layer-0 features 0..3 fire everywhere with large decoders, so circuit-tracer's own ids
     for error nodes (``0_{layer}_{pos}``) name those features too."""
     from circuit_tracer.utils import create_graph_files
@@ -93,7 +96,8 @@ def test_error_ids_no_longer_collide_with_layer0_features(tmp_path, embedded_mod
     with torch.no_grad():
         clt.b_enc[0, :4] = 4.0
         clt.W_dec[0][:4] *= 30
-    res = attribute_prompt(clt, PROMPT, model=embedded_model, max_feature_nodes=80,
+    res = attribute_prompt(clt, PROMPT, model=model_on(device, embedded_model),
+                           max_feature_nodes=80,
                            batch_size=64, out_dir=tmp_path / "ours", slug="g",
                            node_threshold=0.95, edge_threshold=0.99)
     graph = Graph.from_pt(str(res.graph_path))
@@ -153,21 +157,24 @@ def frozen_run(model, tokens, w, cache, source=None, delta=0.0):
 
 
 @pytest.mark.parametrize("which", ["clt", "plt"])
-def test_edges_agree_with_interventions(tmp_path, embedded_model, clt, plt_, which):
-    model = embedded_model
+def test_edges_agree_with_interventions(tmp_path, embedded_model, clt, plt_, which, device):
+    """On ``device``: the model, the transcoder exported from there, and the interventions."""
+    model = model_on(device, embedded_model)
     transcoder = clt if which == "clt" else plt_
+    if torch.device(device).type != "cpu":
+        transcoder = copy.deepcopy(transcoder).to(device)  # the fixture stays on the CPU
     res = attribute_prompt(transcoder, "Friends, Romans, countrymen, lend me your ears",
                            model=model, max_feature_nodes=60, batch_size=64,
                            out_dir=tmp_path, slug=which)
     graph = Graph.from_pt(str(res.graph_path))
     w = transcoder.folded_weights()
-    tokens = graph.input_tokens[None]
+    tokens = graph.input_tokens[None].to(model.cfg.device)
     cache = clean_cache(model, tokens)
     pre0, logits0 = frozen_run(model, tokens, w, cache)
     selected = graph.active_features[graph.selected_features].tolist()
     acts = graph.activation_values[graph.selected_features]
     # the frozen run reproduces the activations circuit-tracer recorded
-    recorded = torch.tensor([pre0[layer, pos, f] for layer, pos, f in selected])
+    recorded = torch.stack([pre0[layer, pos, f] for layer, pos, f in selected]).cpu()
     assert torch.allclose(recorded, acts, atol=1e-5, rtol=1e-5)
 
     n_feat = len(selected)
@@ -252,13 +259,14 @@ def test_bad_input_fails_before_heavy_work(tmp_path, embedded_model, clt, monkey
         attribute_prompt(clt, PROMPT, max_n_logits=10**6, **kw)
 
 
-def test_attribute_cli_with_target_and_exported_set(tmp_path, embedded_model, plt_, capsys):
+def test_attribute_cli_with_target_and_exported_set(tmp_path, embedded_model, plt_, capsys,
+                                                     device):
     from clt_lens.circuits import write_circuit_tracer_set
 
     set_dir = write_circuit_tracer_set(plt_, tmp_path / "set")
     code = main(["attribute", "--clt", str(set_dir), "--prompt", PROMPT, "--model", "embedded",
                  "--out", str(tmp_path / "g"), "--slug", "cli", "--target", " question",
-                 "--max-feature-nodes", "40", "--batch-size", "64"])
+                 "--max-feature-nodes", "40", "--batch-size", "64", "--device", device])
     assert code == 0
     out = capsys.readouterr().out
     assert "replacement score" in out and "clt-lens serve" in out

@@ -15,6 +15,20 @@ import torch
 
 PROMPT = "To be, or not to be, that is the question"
 
+_MODELS: dict[str, Any] = {}
+
+
+def model_on(device: str, cpu_model: Any) -> Any:
+    """The embedded model on ``device``: ``cpu_model`` (the session's) on the CPU, else one
+    loaded there once per test session."""
+    if torch.device(device).type == "cpu":
+        return cpu_model
+    if device not in _MODELS:
+        from clt_lens.models import load_model
+
+        _MODELS[device] = load_model("embedded", device=device)
+    return _MODELS[device]
+
 
 def feature_marker(layer: int, index: int) -> str:
     return f"L{layer}F{index}"

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from test_circuits_common import model_on
 
 from clt_lens.activations import collect_activations
 from clt_lens.circuits import (
@@ -48,9 +49,10 @@ def heldout_acts(embedded_model):
 
 @pytest.mark.parametrize("cross_layer,activation,skip,layout", VARIANTS)
 def test_export_loads_and_reconstructs(tmp_path, embedded_model, heldout_acts, cross_layer,
-                                       activation, skip, layout):
+                                       activation, skip, layout, device):
+    """Exported from a CLT on ``device``, loaded there by circuit-tracer, run there."""
     clt = random_clt(embedded_model, d_sae=128, activation=activation, cross_layer=cross_layer,
-                     skip=skip, seed=1, fit_decoder=False)
+                     skip=skip, seed=1, fit_decoder=False).to(device)
     # the activation scaling really is folded: scales far from 1 on this model
     assert (clt.output_scale - 1).abs().min() > 0.1 or (clt.input_scale - 1).abs().min() > 0.1
     out = write_circuit_tracer_set(clt, tmp_path / "set", layout=layout, model_name="embedded")
@@ -72,27 +74,28 @@ def test_export_loads_and_reconstructs(tmp_path, embedded_model, heldout_acts, c
             assert ("W_skip" in f.keys()) == skip
             assert ("activation_function.threshold" in f.keys()) == (activation == "jumprelu")
 
-    x, _ = heldout_acts
+    x = heldout_acts[0].to(device)
     ours_acts = clt.encode(x)
     ours = clt(x)
     assert (ours_acts > 0).float().mean() > 0.005  # features do fire on held-out text
     x_lnd = x.transpose(0, 1).contiguous()
     for how in ("hub", "direct"):
         if how == "hub":  # circuit-tracer's generic loader on the absolute folder
-            tc, cfg = load_transcoders(out)
+            tc, cfg = load_transcoders(out, device=device)
             assert cfg["scan"] == config["scan"]
         elif kind == "cross_layer_transcoder":
             from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 
             tc = load_clt(str(out), feature_input_hook=config["feature_input_hook"],
-                          device=torch.device("cpu"), dtype=torch.float32)
+                          device=torch.device(device), dtype=torch.float32)
         else:
             from circuit_tracer.transcoder import load_transcoder_set
 
             tc = load_transcoder_set({i: str(out / f"layer_{i}.safetensors") for i in range(4)},
                                      scan="s", feature_input_hook="ln2.hook_normalized",
                                      feature_output_hook="hook_mlp_out",
-                                     device=torch.device("cpu"))
+                                     device=torch.device(device))
+        assert next(tc.parameters()).device.type == torch.device(device).type
         for layer in range(4):
             acts = tc.encode_layer(x[:, layer], layer)
             assert torch.allclose(acts, ours_acts[:, layer], rtol=0, atol=1e-5)
@@ -102,8 +105,8 @@ def test_export_loads_and_reconstructs(tmp_path, embedded_model, heldout_acts, c
         assert (recon - ours).abs().max() <= 1e-5 * scale, how
 
 
-def test_export_dtype_and_replace(tmp_path, embedded_model):
-    clt = random_clt(embedded_model, d_sae=64, seed=2, fit_decoder=False)
+def test_export_dtype_and_replace(tmp_path, embedded_model, device):
+    clt = random_clt(embedded_model, d_sae=64, seed=2, fit_decoder=False).to(device)
     out = write_circuit_tracer_set(clt, tmp_path / "set", dtype=torch.bfloat16)
     with safe_open(str(out / "W_enc_0.safetensors"), "pt") as f:
         assert f.get_tensor("W_enc_0").dtype == torch.bfloat16
@@ -152,23 +155,27 @@ def test_export_cli(tmp_path, embedded_model, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_replacement_model_matches_base_model(tmp_path, embedded_model):
+def test_replacement_model_matches_base_model(tmp_path, embedded_model, device):
+    model = model_on(device, embedded_model)
     clt = random_clt(embedded_model, d_sae=64, seed=4, fit_decoder=False)
-    tc, _ = load_transcoders(write_circuit_tracer_set(clt, tmp_path / "set"))
-    rm = build_replacement_model(embedded_model, tc)
-    tokens = embedded_model.to_tokens("All the world's a stage, and all the men and women")
+    tc, _ = load_transcoders(write_circuit_tracer_set(clt, tmp_path / "set"))  # on the CPU
+    rm = build_replacement_model(model, tc)  # moves the transcoders to the model's device
+    assert next(rm.transcoders.parameters()).device.type == torch.device(device).type
+    tokens = model.to_tokens("All the world's a stage, and all the men and women")
     with torch.no_grad():
-        assert torch.equal(rm(tokens), embedded_model(tokens))
-    assert rm.cfg.tokenizer_name and rm.tokenizer is embedded_model.tokenizer
+        logits = rm(tokens)
+        assert logits.device.type == torch.device(device).type
+        assert torch.equal(logits, model(tokens))
+    assert rm.cfg.tokenizer_name and rm.tokenizer is model.tokenizer
     from transformers import AutoTokenizer  # what create_graph_files does, offline
 
     assert AutoTokenizer.from_pretrained(rm.cfg.tokenizer_name).vocab_size == 4096
     # the base model is untouched (its MLPs are not wrapped)
-    assert not hasattr(embedded_model.blocks[0].mlp, "old_mlp")
+    assert not hasattr(model.blocks[0].mlp, "old_mlp")
     rm.reset_hooks(including_permanent=True)  # else its __del__ complains at interpreter exit
 
     small = random_clt(embedded_model, d_sae=32, seed=5, fit_decoder=False)
     small_tc, _ = load_transcoders(write_circuit_tracer_set(small, tmp_path / "s2"))
     small_tc.n_layers = 3  # what a 3-layer set would report
     with pytest.raises(CircuitsError, match="3 layers"):
-        build_replacement_model(embedded_model, small_tc)
+        build_replacement_model(model, small_tc)

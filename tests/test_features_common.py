@@ -38,6 +38,16 @@ def model():
         return m.eval()
 
 
+@functools.lru_cache(maxsize=2)
+def model_on(device: str):
+    """``model()`` on ``device`` (itself on the CPU)."""
+    if torch.device(device).type == "cpu":
+        return model()
+    import copy
+
+    return copy.deepcopy(model()).to(device, print_details=False)
+
+
 @functools.lru_cache(maxsize=4)
 def heldout_tokens(n_seq: int) -> torch.Tensor:
     from clt_lens.data import load_tokens

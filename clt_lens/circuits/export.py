@@ -95,7 +95,7 @@ class _Weights:
     def source_layer(self, cfg: Any, i: int) -> dict[str, torch.Tensor | None]:
         s_in, s_out = self.s_in, self.s_out
         w_dec = self.whole(f"W_dec.{i}")  # [F, n_targets, d]
-        targets = torch.arange(i, i + w_dec.shape[1])
+        targets = torch.arange(i, i + w_dec.shape[1], device=s_out.device)
         threshold = None
         if cfg.activation == "jumprelu":
             threshold = self.layer("log_threshold", i).exp()
