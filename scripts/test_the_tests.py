@@ -49,7 +49,7 @@ BREAKS: dict[str, Break] = {
         "clt_lens/training/runner.py",
         "self.state.since_fired.copy_(since.to(self.device))",
         "pass",
-        ["tests/test_resume.py::test_sigkill_and_resume_is_bit_identical[dense]"],
+        ["tests/test_resume.py::test_sigkill_and_resume_is_bit_identical[topk]"],  # aux-k reads it
     ),
     "resume_scaler": Break(
         "exact resume: the fp16 grad scaler is restored",

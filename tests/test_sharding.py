@@ -72,18 +72,25 @@ def assert_same_metrics(a: Path, b: Path) -> None:
 
 
 class _FeatureAxisWatch(TorchDispatchMode):
-    """Records every torch op output with a dimension of the whole feature count ``n``.
+    """Records every torch op output that holds all ``n`` features: a dimension of ``n``, or
+    the ``ranks`` slices of ``n // ranks`` stacked by a gather (``[ranks, ..., n // ranks]``).
 
     Consolidation (rank 0 writing ``final/``) is allowed a layer at a time and is excluded."""
 
-    def __init__(self, n: int, log: Path) -> None:
+    def __init__(self, n: int, log: Path, ranks: int) -> None:
         super().__init__()
-        self.n, self.log, self.seen = n, log, []
+        self.n, self.log, self.ranks, self.seen = n, log, ranks, []
+
+    def _whole(self, shape: tuple[int, ...]) -> bool:
+        if self.n in shape:
+            return True
+        r = self.ranks
+        return r > 1 and len(shape) >= 2 and shape[0] == r and self.n // r in shape[1:]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and self.n in t.shape:
+            if isinstance(t, torch.Tensor) and self._whole(tuple(t.shape)):
                 names = {f.function for f in inspect.stack()[1:40]}
                 if "consolidate" not in names:
                     self.seen.append(f"{func}: {tuple(t.shape)}")
@@ -94,8 +101,8 @@ class _FeatureAxisWatch(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def watch(out: Path):
-    return lambda rank: _FeatureAxisWatch(F, out / f"watch_rank{rank}.json")
+def watch(out: Path, ranks: int = 1):
+    return lambda rank: _FeatureAxisWatch(F, out / f"watch_rank{rank}.json", ranks)
 
 
 def watched(out: Path, nproc: int) -> list[str]:
@@ -107,7 +114,7 @@ def test_no_rank_ever_holds_the_whole_feature_axis(tmp_path: Path, small_cache: 
     with all F features; each checkpoint shard holds exactly its rank's slice."""
     run = tmp_path / "run"
     run_to_end(args(run, 2, small_cache, "--checkpoint_every", "2", "--distributed", "feature"),
-               nproc=2, wrap=watch(run))  # fmt: skip
+               nproc=2, wrap=watch(run, 2))  # fmt: skip
     assert watched(run, 2) == []
     ck = run / "checkpoints" / "step_00000002"
     assert json.loads((ck / "shards.json").read_text())["feature_shards"] == 2
@@ -121,7 +128,7 @@ def test_no_rank_ever_holds_the_whole_feature_axis(tmp_path: Path, small_cache: 
             assert f.get_slice("W_enc.exp_avg_sq").get_shape() == [4, 128, F // 2]
             assert f.get_slice("since_fired").get_shape() == [4, F // 2]
     run_to_end(args(run, 4, small_cache, "--checkpoint_every", "2", "--distributed", "feature"),
-               resume=run, nproc=2, wrap=watch(run))  # fmt: skip
+               resume=run, nproc=2, wrap=watch(run, 2))  # fmt: skip
     assert watched(run, 2) == []
     # the watch does see the whole axis where it exists: one process holds all F features
     one = tmp_path / "one"
@@ -216,12 +223,16 @@ def test_rank_killed_while_writing_a_checkpoint(tmp_path: Path, small_cache: Pat
     run = Run(a, nproc=2, wrap=_stall_second_checkpoint)
     marker = tmp_path / "run" / "rank1_in_checkpoint"
     deadline = time.time() + 300
-    while not marker.exists():
+    ckpts = tmp_path / "run" / "checkpoints"
+    # rank 1 hangs after its weights shard; wait until rank 0 has written all of its files
+    # (shards.json comes last) and give it time to commit, which it must not do alone
+    rank0_done = (ckpts / ".step_00000004.tmp" / "shards.json", ckpts / "step_00000004")
+    while not (marker.exists() and any(p.exists() for p in rank0_done)):
         assert run.alive() and time.time() < deadline, run.error()[-3000:]
         time.sleep(0.01)
+    time.sleep(1.0)
     os.kill(run.procs[1].pid, signal.SIGKILL)
     run.kill()  # rank 0 waits at the barrier forever; torchrun would stop it the same way
-    ckpts = tmp_path / "run" / "checkpoints"
     assert latest_step(tmp_path / "run") == 2
     assert (ckpts / ".step_00000004.tmp").is_dir()  # the half-written one, never committed
     from clt_lens.training.consolidate import consolidate
