@@ -44,7 +44,7 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
                 return c.resolve()
             if not (c / "sae_weights.safetensors").is_file():
                 raise CheckpointError(f"CLT checkpoint {str(c)!r} has cfg.json but no "
-                                    "sae_weights.safetensors")
+                                      "sae_weights.safetensors")
             return c.resolve()
     raise CheckpointError(
         f"{str(p)!r} is not a CLT checkpoint: expected cfg.json + sae_weights.safetensors in it, "
