@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
-import os
 import re
 import sys
 import threading
@@ -48,6 +47,7 @@ from typing import Any
 from clt_lens.circuits.errors import CircuitsError
 from clt_lens.circuits.viewer_data import FEATURES_SUBDIR, INDEX_FILE, scan_dirname
 from clt_lens.circuits.workbench import LIMITS, Workbench, WorkbenchError
+from clt_lens.fsutil import atomic_write_text
 from clt_lens.vendor_js import (
     SCRIPTS,
     VIEWER_SCRIPTS,
@@ -206,9 +206,7 @@ class ViewerHandler(http.server.SimpleHTTPRequestHandler):
         with self.server.save_lock:  # one read-modify-write of a graph file at a time
             graph = json.loads(target.read_text())
             graph["qParams"] = q_params
-            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(graph, indent=1))
-            os.replace(tmp, target)
+            atomic_write_text(target, json.dumps(graph, indent=1))
         self._send(b"{}", "application/json")
 
     # -- the workbench API ----------------------------------------------------------------

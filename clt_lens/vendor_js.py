@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from clt_lens.errors import CLTLensError
+from clt_lens.fsutil import atomic_write_bytes
 
 # Local file name -> (npm package@version, file inside the package tarball, sha256 of that file).
 SCRIPTS: dict[str, tuple[str, str, str]] = {
@@ -130,9 +131,7 @@ def _has_pinned(path: Path) -> bool:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
 
 
 def _read_member(tar: tarfile.TarFile, member: str, required: bool = True) -> bytes | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from clt_lens.errors import CLTLensError, MissingFileError
+from clt_lens.fsutil import atomic_write_json
 
 RECORDS_FILE = "autointerp.jsonl"
 SUMMARY_FILE = "autointerp_summary.json"
@@ -178,10 +179,4 @@ def repair_tail(path: Path) -> int:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(path, data)

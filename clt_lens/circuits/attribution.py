@@ -11,12 +11,10 @@ explanations as ``clerp`` labels) -> viewer feature pages for the graph's featur
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import hashlib
 import json
-import os
 import re
 import tempfile
 import time
@@ -32,6 +30,7 @@ from clt_lens.circuits.export import default_scan, write_circuit_tracer_set
 from clt_lens.circuits.graph_json import add_clerps, feature_nodes, fix_error_node_ids
 from clt_lens.circuits.loading import clt_summary, is_transcoder_set_dir, load_clt, load_transcoders
 from clt_lens.circuits.replacement import build_replacement_model, check_family, is_model_hook
+from clt_lens.fsutil import atomic_path
 
 OFFLOAD_CHOICES = (None, "cpu", "disk")
 SOURCE_KEY = "clt_lens"  # graph metadata naming the transcoders and model (see source_record)
@@ -428,10 +427,5 @@ def _resolve_model(model: Any, device: str | torch.device) -> Any:
 
 
 def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()

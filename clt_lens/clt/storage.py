@@ -29,6 +29,7 @@ from torch import Tensor
 
 from clt_lens.config import ConfigError
 from clt_lens.errors import InputError
+from clt_lens.fsutil import atomic_open, atomic_write_text
 
 WEIGHTS_STEM = "sae_weights"
 OPTIMIZER_STEM = "optimizer"
@@ -127,8 +128,7 @@ def write_safetensors_streaming(
         header["__metadata__"] = dict(metadata)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for spec in specs:
@@ -143,9 +143,6 @@ def write_safetensors_streaming(
                 written += data.numel() * data.element_size()
             if written != spec.nbytes:
                 raise InputError(f"{spec.name}: wrote {written} bytes, expected {spec.nbytes}")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 
@@ -350,7 +347,6 @@ class TensorReader:
 
 
 def write_shard_index(ckpt: Path, n_shards: int, n_features: int) -> None:
-    from clt_lens.fsutil import atomic_write_text
 
     atomic_write_text(
         ckpt / SHARD_INDEX,
