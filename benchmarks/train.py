@@ -2,6 +2,7 @@
 
     python benchmarks/train.py            # demo shape and L=12 d=256 F=2048 B=512
     python benchmarks/train.py --quick    # fewer repeats
+    python benchmarks/train.py --profile  # where the L=12 step's time goes, against its floor
 
 Activations are Gaussian; JumpReLU thresholds are set per feature so that each ``--active``
 fraction (default 1%, 2% and 3%, the range trained CLTs of the field have) of the features
@@ -29,6 +30,69 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHAPES = {"demo": (4, 128, 1024, 1024), "L12": (12, 256, 2048, 512)}
 REPEATS = {"demo": 12, "L12": 4}  # blocks per mode; short steps need more to settle
 MODES = ("auto", "dense")  # "auto" = what training uses (sparse at these densities)
+
+
+# torch.profiler op (self CPU time) -> piece of the step; anything else is "elementwise, other"
+PIECES = {
+    "aten::bmm": "encoder forward (one batched matmul)",
+    "aten::sparse_sampled_addmm": "encoder gradient (sampled at the support)",
+    "aten::addmm": "decoder matmuls (sparse rows, forward and backward)",
+    "aten::mm": "decoder matmuls (sparse rows, forward and backward)",
+    "aten::_fused_adam_": "Adam (fused, with clipping as grad_scale)",
+    "aten::linalg_vector_norm": "gradient norm (clipping)",
+    "aten::nonzero": "support building (nonzero, sort, index)",
+    "aten::sort": "support building (nonzero, sort, index)",
+    "aten::index": "support building (nonzero, sort, index)",
+    "aten::_index_put_impl_": "support building (nonzero, sort, index)",
+    "aten::gt": "support building (nonzero, sort, index)",
+    "aten::copy_": "copies",
+}
+
+
+def profile_child(active: float, steps: int = 4) -> dict:
+    """Self CPU time per piece of the L=12 step (torch.profiler), and the step's floor: the
+    encoder forward at the matmul peak measured here plus the fused Adam pass as measured."""
+    import torch
+    from common import matmul_peak
+    from torch.profiler import ProfilerActivity, profile
+
+    L, d, F, B = SHAPES["L12"]
+    _, step = _setup(L, d, F, B, active)
+    for _ in range(3):
+        step("auto")
+    plain = sorted(step("auto")[0] for _ in range(5))[2]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step("auto")
+    pieces: dict[str, float] = {}
+    for ev in prof.key_averages():
+        name = PIECES.get(ev.key, "elementwise, other")
+        pieces[name] = pieces.get(name, 0.0) + ev.self_cpu_time_total / 1e3 / steps  # ms/step
+    peak = max(matmul_peak() for _ in range(3))
+    encoder_ms = 2 * L * B * d * F / peak * 1e3
+    adam_ms = pieces.get("Adam (fused, with clipping as grad_scale)", 0.0)
+    return {"L": L, "d": d, "F": F, "B": B, "active": active, "step_ms": plain * 1e3,
+            "tokens_per_s": B / plain, "profiled_ms": sum(pieces.values()),
+            "pieces_ms": dict(sorted(pieces.items(), key=lambda kv: -kv[1])),
+            "matmul_peak_flops": peak, "floor_ms": encoder_ms + adam_ms,
+            "floor_encoder_ms": encoder_ms, "floor_adam_ms": adam_ms,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _print_profile(r: dict) -> None:
+    from common import machine, print_table
+
+    m = machine()
+    print(f"machine: {m['cores']} cores, torch {m['torch']} ({r['torch_threads']} threads); "
+          f"command: {m['command']}")
+    print(f"L={r['L']} d={r['d']} F={r['F']} B={r['B']}, {r['active']:.0%} active: step "
+          f"{r['step_ms']:.0f} ms ({r['tokens_per_s']:.0f} tokens/s) unprofiled; floor "
+          f"{r['floor_ms']:.0f} ms (encoder forward {r['floor_encoder_ms']:.0f} ms at the "
+          f"measured {r['matmul_peak_flops'] / 1e9:.0f} GFLOP/s + Adam {r['floor_adam_ms']:.0f} "
+          f"ms): the step is {r['step_ms'] / r['floor_ms']:.1f}x its floor")
+    tot = r["profiled_ms"]
+    print_table(["piece of the step (self CPU time, profiled)", "ms / step", "share"],
+                [[k, f"{v:.1f}", f"{v / tot:.0%}"] for k, v in r["pieces_ms"].items()])
 
 
 def _setup(L: int, d: int, F: int, B: int, active: float, device: str = "cpu",
@@ -202,8 +266,19 @@ def main() -> None:
     ap.add_argument("--demo", default="runs/demo",
                     help="a `clt-lens demo` output folder: also time the step on its trained "
                     "CLT and cached activations")  # fmt: skip
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the L=12 step at the first --active fraction and stop")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile:
+        from common import write_result
+
+        r = profile_child(float(args.active.split(",")[0]))
+        _print_profile(r)
+        from common import machine
+
+        write_result("train_profile", {"machine": machine(), **r})
+        return
     if args.child and args.child.startswith("trained:"):
         print(json.dumps(trained_child(args.child.split(":", 1)[1], 4 if args.quick else 8)))
         return
