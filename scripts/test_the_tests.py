@@ -126,6 +126,14 @@ BREAKS: dict[str, Break] = {
         more=(('if self.allocation == "channel":\n                        over = chan',
                'if False:\n                        over = chan'),),
     ),
+    "autointerp_resume": Break(
+        "a resumed autointerp run sends nothing for features already explained",
+        "clt_lens/autointerp/runner.py",
+        "return sel.includes(layer, index) and (layer, index) not in finished",
+        "return sel.includes(layer, index)",
+        ["tests/test_autointerp_resume.py::"
+         "test_sigkill_then_resume_sends_nothing_for_finished_features"],
+    ),
     "ci_skips": Break(
         "under CI nothing is skipped",
         "tests/ci_rules.py",
