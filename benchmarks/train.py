@@ -159,22 +159,30 @@ def work_flops(L: int, d: int, F: int, B: int, l0: float) -> tuple[float, float]
     return enc + 3 * 2 * (B * L * l0) * d * (L + 1) / 2, enc + 3 * 2 * B * F * d * pairs
 
 
-def time_child(L: int, d: int, F: int, B: int, active: float, repeats: int) -> dict:
-    from common import matmul_peak
-
-    clt, step = _setup(L, d, F, B, active)
-    peaks = [matmul_peak()]
+def _interleaved(step, repeats: int) -> tuple[dict[str, list[float]], list[float]]:
+    """Time ``step(mode)`` for every mode interleaved: per block one untimed step (the first
+    after a switch pays for the other mode's allocations) and two timed ones, alternating the
+    order of the modes between blocks. Returns the seconds per mode and every L0 seen."""
     for mode in MODES:
         step(mode)
     times: dict[str, list[float]] = {m: [] for m in MODES}
     l0s = []
     for r in range(repeats):
         for mode in MODES if r % 2 == 0 else MODES[::-1]:
-            step(mode)  # untimed: the first step after a switch pays for the other's allocations
+            step(mode)
             for _ in range(2):
                 sec, l0 = step(mode)
                 times[mode].append(sec)
                 l0s.append(l0)
+    return times, l0s
+
+
+def time_child(L: int, d: int, F: int, B: int, active: float, repeats: int) -> dict:
+    from common import matmul_peak
+
+    clt, step = _setup(L, d, F, B, active)
+    peaks = [matmul_peak()]
+    times, l0s = _interleaved(step, repeats)
     peaks.append(matmul_peak())
     med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
     l0 = sorted(l0s)[len(l0s) // 2]
@@ -195,17 +203,15 @@ def trained_child(demo: str, repeats: int) -> dict:
     """Our step against dense decoding on the demo's trained CLT and its cached activations
     (the regime the README's demo trains in), interleaved in one process as above."""
     import torch
-    from sae_lens import SAE
 
-    import clt_lens  # noqa: F401  (registers the architecture)
     from clt_lens.cache import CacheReader
+    from clt_lens.clt.loading import load_clt
     from clt_lens.training.config import TrainConfig
     from clt_lens.training.trainer import make_adam
 
     run = Path(demo) / "train" / "final"
     cfg = json.loads((run / "train_config.json").read_text())
-    clt = SAE.load_from_disk(str(run))
-    clt.train()
+    clt = load_clt(run).train()
     B = int(cfg["batch_size"])
     reader = CacheReader(Path(demo) / "cache", batch_size=B, shuffle=True, seed=1)
     it = iter(reader)
@@ -227,17 +233,7 @@ def trained_child(demo: str, repeats: int) -> dict:
         opt.step()
         return time.perf_counter() - t, float(out.l0_per_layer.mean())
 
-    for mode in MODES:
-        step(mode)
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    l0s = []
-    for r in range(repeats):
-        for mode in MODES if r % 2 == 0 else MODES[::-1]:
-            step(mode)
-            for _ in range(2):
-                sec, l0 = step(mode)
-                times[mode].append(sec)
-                l0s.append(l0)
+    times, l0s = _interleaved(step, repeats)
     med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
     L, d, F = clt.cfg.n_layers, clt.cfg.d_in, clt.cfg.d_sae
     return {"L": L, "d": d, "F": F, "B": B, "active_frac": sorted(l0s)[len(l0s) // 2] / F,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_procs import run_to_end
+from train_procs import assert_close, final_weights, run_to_end
 
 pytestmark = pytest.mark.distributed
 
@@ -73,18 +73,6 @@ def single(out: Path, n_steps: int, *extra: str) -> None:
 
 def torchrun(out: Path, n_steps: int, mode: str, *extra: str, nproc: int = 2) -> None:
     run_ok(train_cmd(out, n_steps, mode, *extra, nproc=nproc))
-
-
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "final" / "sae_weights.safetensors"))
-
-
-def assert_close(a: dict, b: dict, tol: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=tol, rtol=tol), (
-            f"{k}: max diff {(a[k] - b[k]).abs().max():.3g}"
-        )
 
 
 def assert_same_metrics(a: Path, b: Path) -> None:

@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from train_procs import Run, latest_step, run_killed_at, run_to_end
+from train_procs import Run, assert_close, final_weights, latest_step, run_killed_at, run_to_end
 
 pytestmark = pytest.mark.distributed
 
@@ -41,18 +40,6 @@ COMMON = [
 def args(out: Path, n: int, cache: Path, *extra: str, d_sae: int = F) -> list[str]:
     return [*COMMON, "--d_sae", str(d_sae), "--n_steps", str(n), "--cache_dir", str(cache),
             "--out_dir", str(out), *extra]  # fmt: skip
-
-
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "final" / "sae_weights.safetensors"))
-
-
-def assert_close(a: dict, b: dict, tol: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=tol, rtol=tol), (
-            f"{k}: max diff {(a[k] - b[k]).abs().max():.3g}"
-        )
 
 
 def records(run: Path) -> list[dict]:

@@ -151,3 +151,20 @@ def run_killed_at(args: list[str], kill_after: int, resume: str | Path | None = 
         time.sleep(0.002)
     run.kill()
     return latest_step(run.out)
+
+
+def final_weights(run: Path) -> dict[str, Any]:
+    """The ``final/`` weights of a run (what consolidation wrote)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final" / "sae_weights.safetensors"))
+
+
+def assert_close(a: dict, b: dict, tol: float = 1e-5) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=tol, rtol=tol), (
+            f"{k}: max diff {(a[k] - b[k]).abs().max():.3g}"
+        )
