@@ -40,6 +40,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +74,8 @@ def train_config(kind: str, coeff: float, run_dir: Path, args: argparse.Namespac
     from clt_lens.training.config import TrainConfig
 
     overrides = {
-        "model": args.model,
-        "cross_layer": kind == "clt",
-        "sparsity_coeff": coeff,
-        "d_sae": args.d_sae,
+        "source": {"model": args.model},
+        "clt": {"cross_layer": kind == "clt", "sparsity_coeff": coeff, "d_sae": args.d_sae},
         "n_steps": args.steps,
         "batch_size": args.batch_size,
         # the demo's warm-up fractions (the coefficient reaches its value a third of the way)
@@ -112,17 +111,19 @@ def read_log(run_dir: Path) -> dict[str, Any]:
 
 def train_or_reuse(kind: str, coeff: float, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     from clt_lens.training import CLTTrainingRunner
+    from clt_lens.training.config import dotted, saved_train_config
 
     run_dir = root / f"{kind}_c{coeff:.4g}"
     cfg = train_config(kind, coeff, run_dir, args)
     final = run_dir / "final"
     seconds = None
     if args.reuse and (final / "cfg.json").is_file():
-        saved = json.loads((run_dir / "train_config.json").read_text())
-        mismatch = {k: (saved.get(k), getattr(cfg, k)) for k in
-                    ("model", "cross_layer", "sparsity_coeff", "d_sae", "n_steps",
-                     "batch_size", "seed")
-                    if saved.get(k) != getattr(cfg, k)}
+        saved = saved_train_config(json.loads((run_dir / "train_config.json").read_text()))
+        here = dotted(asdict(cfg))
+        mismatch = {k: (saved.get(k), here[k]) for k in
+                    ("source.model", "clt.cross_layer", "clt.sparsity_coeff", "clt.d_sae",
+                     "n_steps", "batch_size", "seed")
+                    if saved.get(k) != here[k]}
         if mismatch:
             raise SystemExit(f"--reuse: {run_dir} was trained with a different config "
                              f"(saved, wanted): {mismatch}; drop --reuse or pick another --out")

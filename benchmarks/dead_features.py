@@ -49,38 +49,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "auxk": {"auxk_jumprelu": True},
     "b_enc_init+auxk": {"b_enc_init_rate": None, "auxk_jumprelu": True},
 }
-NEW_OPTIONS = ("b_enc_init_rate", "auxk_jumprelu")
-
-
-def forward_new_options() -> None:
-    """Make the trainer's ``build_clt`` pass the TrainConfig dead-feature options to the CLT's
-    config when it does not do so itself (a no-op once it does)."""
-    import clt_lens.training.trainer as trainer_mod
-    from clt_lens.training.config import TrainConfig
-    from clt_lens.training.sources import SourceInfo
-
-    build = trainer_mod.build_clt
-    if getattr(build, "_forwards_dead_options", False):
-        return
-    probe = TrainConfig(d_sae=8, b_enc_init_rate=0.5, auxk_jumprelu=True)
-    info = SourceInfo(n_layers=1, d_model=4, model_name="probe", model_id="probe",
-                      input_hook="ln2.hook_normalized", output_hook="hook_mlp_out",
-                      context_size=8, dataset="probe")
-    got = build(probe, info).cfg
-    if all(getattr(got, k) == getattr(probe, k) for k in NEW_OPTIONS):
-        return
-
-    def build_clt(cfg: Any, info: Any, d_sae: int | None = None, device: str = "cpu") -> Any:
-        clt = build(cfg, info, d_sae=d_sae, device=device)
-        for k in NEW_OPTIONS:
-            setattr(clt.cfg, k, getattr(cfg, k))
-        clt.cfg.validate()
-        return clt
-
-    build_clt._forwards_dead_options = True  # type: ignore[attr-defined]
-    trainer_mod.build_clt = build_clt
-
-
 def make_cache(root: Path, n_tokens: int, model: Any) -> Path:
     from clt_lens.cache import CacheConfig, generate_cache
 
@@ -93,9 +61,9 @@ def make_cache(root: Path, n_tokens: int, model: Any) -> Path:
 
 def train_variant(name: str, root: Path, cache: Path, args: argparse.Namespace) -> dict[str, Any]:
     from clt_lens.config import load_config
-    from clt_lens.training import Trainer
+    from clt_lens.training import CLTTrainingRunner
     from clt_lens.training.cli import resolve_config_path
-    from clt_lens.training.config import TrainConfig
+    from clt_lens.training.config import RENAMED_KEYS, TrainConfig, saved_train_config
 
     overrides = {k: (args.b_enc_rate if v is None else v) for k, v in VARIANTS[name].items()}
     run_dir = root / name.replace("+", "_")
@@ -106,9 +74,10 @@ def train_variant(name: str, root: Path, cache: Path, args: argparse.Namespace) 
         "progress": args.progress, "out_dir": str(run_dir), **overrides})
     seconds = None
     if args.reuse and (run_dir / "final" / "cfg.json").is_file():
-        saved = json.loads((run_dir / "train_config.json").read_text())
-        diff = {k: (saved.get(k), v) for k, v in {"n_steps": args.steps, **overrides}.items()
-                if saved.get(k) != v}
+        saved = saved_train_config(json.loads((run_dir / "train_config.json").read_text()))
+        asked = {"n_steps": args.steps, **overrides}
+        wanted = {RENAMED_KEYS.get(k, k): v for k, v in asked.items()}
+        diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
         if diff:
             raise SystemExit(f"--reuse: {run_dir} was trained differently (saved, wanted): {diff}")
         print(f"[{name}] reusing {run_dir}", flush=True)
@@ -116,7 +85,7 @@ def train_variant(name: str, root: Path, cache: Path, args: argparse.Namespace) 
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"[{name}] training {overrides or 'as the demo'} -> {run_dir}", flush=True)
         t0 = time.perf_counter()
-        Trainer(cfg).train()
+        CLTTrainingRunner(cfg).run()
         seconds = time.perf_counter() - t0
     return {"name": name, "overrides": overrides, "run_dir": str(run_dir),
             "train_seconds": seconds}
@@ -218,7 +187,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     root = Path(args.reuse or args.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    forward_new_options()
 
     from clt_lens.models import load_model, model_id
 

@@ -52,7 +52,7 @@ def child(spec: dict) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     import torch
 
-    from clt_lens.training import CLTTrainingRunner, TrainConfig
+    from clt_lens.training import CLTSpec, CLTTrainingRunner, TrainConfig
     from clt_lens.training.sources import SyntheticSource
     from clt_lens.training.trainer import Trainer
 
@@ -84,12 +84,12 @@ def child(spec: dict) -> None:
             _reset_peak()
 
     L, d, F, B = spec["L"], spec["d"], spec["F"], spec["batch"]
-    cfg = TrainConfig(d_sae=F, batch_size=B, n_steps=spec["steps"], eval_every=10**9,
+    clt = CLTSpec(d_sae=F, activation=spec.get("activation", "jumprelu"), k=spec.get("k", 32),
+                  sparsity_coeff=0.1, jumprelu_init_threshold=0.5)
+    cfg = TrainConfig(clt=clt, batch_size=B, n_steps=spec["steps"], eval_every=10**9,
                       log_every=1, normalization_tokens=B, progress=False, out_dir=str(out),
                       distributed="feature" if spec["world"] > 1 else "none",
-                      activation=spec.get("activation", "jumprelu"), k=spec.get("k", 32),
-                      sparsity_coeff=0.1, jumprelu_init_threshold=0.5, checkpoint_every=2,
-                      keep_checkpoints=1, heldout_tokens=B)  # fmt: skip
+                      checkpoint_every=2, keep_checkpoints=1, heldout_tokens=B)  # fmt: skip
     src = SyntheticSource(B, L, d)
     resume = out if spec.get("resume") else None
     t = time.perf_counter()

@@ -18,10 +18,12 @@ import textwrap
 import tokenize
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 from clt_lens.config import ConfigError, load_config
 
@@ -75,7 +77,8 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _walk(cls: type, prefix: str = ""):
+def iter_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, Any, str]]:
+    """(dotted name, type, default, doc) of every settable field, nested ones included."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
@@ -83,7 +86,7 @@ def _walk(cls: type, prefix: str = ""):
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            yield from _walk(tp, f"{prefix}{f.name}.")
+            yield from iter_fields(tp, f"{prefix}{f.name}.")
             continue
         if f.default is not dataclasses.MISSING:
             default: Any = f.default
@@ -106,10 +109,12 @@ def _fmt_default(value: Any) -> str:
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
                          aliases: Mapping[str, str] | None = None) -> None:  # fmt: skip
-    """One ``--field`` option per (nested) field of ``cls``; ``aliases`` maps an old spelling
-    to a field (it keeps working, and its help names the field)."""
+    """One ``--field`` option per (nested) field of ``cls``; ``aliases`` (default: the class's
+    ``renamed_keys``) maps an old spelling to a field: it keeps working, unlisted in --help."""
+    if aliases is None:
+        aliases = getattr(cls, "renamed_keys", {})
     group = parser.add_argument_group(f"{cls.__name__} fields (also settable in CONFIG.yaml)")
-    for name, tp, default, doc in _walk(cls):
+    for name, tp, default, doc in iter_fields(cls):
         help_ = f"{doc} " if doc else ""
         help_ += f"[{type_name(tp)}; default {_fmt_default(default)}]"
         flags = [f"--{name}"]
@@ -117,15 +122,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
             flags.append(f"--{name.replace('_', '-')}")
         group.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar="V",
                            nargs="?", const="true", help=help_.replace("%", "%%"))  # fmt: skip
-    for old, new in (aliases or {}).items():
-        group.add_argument(f"--{old}", dest=new, default=argparse.SUPPRESS, metavar="V",
-                           help=f"old spelling of --{new}")  # fmt: skip
+    for old, new in aliases.items():
+        flags = [f"--{old}"] + ([f"--{old.replace('_', '-')}"] if "_" in old else [])
+        group.add_argument(*flags, dest=new, default=argparse.SUPPRESS, metavar="V",
+                           nargs="?", const="true", help=argparse.SUPPRESS)  # fmt: skip
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, config: str | Path | None,
                      extra: Mapping[str, Any] | None = None) -> T:  # fmt: skip
     """The config: YAML file ``config`` (optional), then the options given, then ``extra``."""
-    names = {name for name, *_ in _walk(cls)}
+    names = {name for name, *_ in iter_fields(cls)}
     overrides: dict[str, Any] = {}
     for name in names:
         if hasattr(args, name):
@@ -141,8 +147,6 @@ def config_from_args(cls: type[T], args: argparse.Namespace, config: str | Path 
 
 
 def _yaml_value(raw: str) -> Any:
-    import yaml
-
     try:
         return yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -160,6 +164,9 @@ def split_config_path(positional: Sequence[str]) -> tuple[str | None, list[str]]
     return config, rest
 
 
-def reject_unknown(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> None:
+def reject_unknown(unknown: Sequence[str], command: str) -> None:
+    """Refuse options no field has (argparse would otherwise pass them through silently)."""
     if unknown:
-        raise ConfigError(f"unknown option(s) {list(unknown)}; see '{parser.prog} --help'")
+        raise ConfigError(
+            f"unknown option(s) {list(unknown)}; 'clt-lens {command} --help' lists every field"
+        )

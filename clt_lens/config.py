@@ -4,6 +4,10 @@ Every command's config is a dataclass. ``load_config(Cls, path, overrides)`` rea
 mapping, applies ``--key value`` overrides (dotted keys reach nested dataclasses), rejects
 unknown keys by name, coerces values to the annotated field types, and finally calls the
 dataclass's ``validate()`` if it has one.
+
+A config class may declare ``renamed_keys`` (a ClassVar mapping an old spelling to the dotted
+place of its field, e.g. ``{"d_sae": "clt.d_sae"}``): YAML files, overrides and saved
+``train_config.json`` files written before a field moved keep working.
 """
 
 from __future__ import annotations
@@ -107,8 +111,35 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def upgrade_keys(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with the old spellings ``cls.renamed_keys`` lists moved to their new places."""
+    renames: Mapping[str, str] = getattr(cls, "renamed_keys", {})
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()
+           if k not in renames}  # fmt: skip
+    for old, value in data.items():
+        if old not in renames:
+            continue
+        new = renames[old]
+        node = out
+        *parents, leaf = new.split(".")
+        for p in parents:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key '{p}' must be a mapping, got {child!r}")
+            node[p] = child = dict(child)
+            node = child
+        if leaf in node:
+            raise ConfigError(
+                f"config keys '{old}' and '{new}' both given: '{old}' is the old spelling of "
+                f"'{new}'; keep one"
+            )
+        node[leaf] = value
+    return out
+
+
 def build_config(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping; unknown keys and bad types raise ConfigError."""
+    data = upgrade_keys(cls, data)
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
@@ -189,9 +220,9 @@ def load_config(
     overrides: Sequence[str] | Mapping[str, Any] = (),
 ) -> T:
     """YAML file (optional) + overrides -> validated dataclass ``cls``."""
-    data = read_yaml(path) if path is not None else {}
+    data = upgrade_keys(cls, read_yaml(path) if path is not None else {})
     extra = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    return build_config(cls, _merge(data, extra))
+    return build_config(cls, _merge(data, upgrade_keys(cls, extra)))
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from clt_lens.cache import (
 )
 from clt_lens.cache import writer as cache_writer
 from clt_lens.cache.format import read_manifest, read_shard_file
+from clt_lens.config import build_config
 
 BOS = 0
 CTX = 16
@@ -62,7 +63,7 @@ def config(out_dir: Path, **kw) -> CacheConfig:
     base = dict(out_dir=str(out_dir), n_tokens=1500, shard_tokens=200, batch_size=8,
                 bos_token_id=BOS, progress=False)
     base.update(kw)
-    return CacheConfig(**base)
+    return build_config(CacheConfig, base)  # flat source keys (model=...) are the old spelling
 
 
 def checksums(out_dir: Path) -> list[tuple[str, str, int]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clt_lens.clt import CLTConfig, CrossLayerTranscoder
+from clt_lens.clt import CLTConfig, CLTSpec, CrossLayerTranscoder
 from clt_lens.clt.init import init_clt_
 from clt_lens.config import ConfigError
 from clt_lens.training.config import TrainConfig
@@ -59,8 +59,8 @@ def test_b_enc_init_rate_is_validated():
         with pytest.raises(ConfigError, match="b_enc_init_rate"):
             CLTConfig(d_in=D, d_sae=F, n_layers=L, b_enc_init_rate=bad)
         with pytest.raises(ConfigError, match="b_enc_init_rate"):
-            TrainConfig(b_enc_init_rate=bad).validate()
-    TrainConfig(b_enc_init_rate=0.05, auxk_jumprelu=True).validate()
+            TrainConfig(clt=CLTSpec(b_enc_init_rate=bad)).validate()
+    TrainConfig(clt=CLTSpec(b_enc_init_rate=0.05, auxk_jumprelu=True)).validate()
 
 
 def test_auxk_reaches_dead_jumprelu_features_only_when_asked():

@@ -36,7 +36,7 @@ from clt_lens.circuits import (
     write_circuit_tracer_set,
 )
 from clt_lens.circuits.attribution import tokenize_prompt
-from clt_lens.config import ConfigError, load_config
+from clt_lens.config import ConfigError, build_config, load_config
 from clt_lens.models import (
     EMBEDDED_DIR,
     SUPPORTED,
@@ -48,6 +48,7 @@ from clt_lens.models import (
     model_family,
     resolve_hooks,
 )
+from clt_lens.source_config import SourceConfig
 from clt_lens.training import CLTTrainingRunner, TrainConfig
 from clt_lens.training import trainer as trainer_module
 from clt_lens.training.cli import CONFIG_DIR
@@ -101,7 +102,7 @@ def small_train_config(model: str, out_dir: Path, **extra: Any) -> TrainConfig:
         lr_warmup_steps=1, sparsity_warmup_steps=2, stream_sequences_per_refill=8,
         stream_model_batch_size=8, progress=False, out_dir=str(out_dir),
     )
-    return TrainConfig(**(kw | extra))
+    return build_config(TrainConfig, kw | extra)  # flat keys: the old spellings still work
 
 
 @dataclass
@@ -134,7 +135,8 @@ def runs(tmp_path_factory, text_file):
             folder = save_tiny_family(family, root / "model")
             model = load_model(folder)
             cfg = small_train_config(str(folder), root / "run", dataset=str(text_file))
-            assert (cfg.input_hook, cfg.output_hook) == ("auto", "auto")  # the default
+            src = cfg.source
+            assert (src.input_hook, src.output_hook) == ("auto", "auto")  # the default
             with pytest.MonkeyPatch.context() as mp:  # the training plots cost seconds each
                 mp.setattr(trainer_module, "plot_training_curves", lambda *a, **k: None)
                 clt = CLTTrainingRunner(cfg, override_model=model).run().eval()
@@ -164,7 +166,7 @@ def test_auto_hooks_are_resolved_and_recorded(runs, family):
     assert model_family(run.folder) == family  # from config.json, before loading anything
     assert model_family(run.model) == family
     assert default_hooks(run.model) == default_hooks(family) == SUPPORTED[family].hooks == DEFAULT
-    saved = json.loads((run.run_dir / "train_config.json").read_text())
+    saved = json.loads((run.run_dir / "train_config.json").read_text())["source"]
     assert (saved["input_hook"], saved["output_hook"]) == (DEFAULT.input_hook, DEFAULT.output_hook)
     meta = json.loads((run.run_dir / "final" / "cfg.json").read_text())["metadata"]
     assert (meta["hook_name"], meta["hook_name_out"]) == (DEFAULT.input_hook, DEFAULT.output_hook)
@@ -329,7 +331,7 @@ def test_auto_hooks_in_cache_and_resume(runs, text_file, tmp_path, monkeypatch):
     cfg = load_config(generate.CacheConfig, None, {
         "model": str(run.folder), "dataset": "embedded", "context_size": CTX, "n_tokens": 124,
         "shard_tokens": 62, "codec": "fp32", "out_dir": str(out), "progress": False})
-    assert (cfg.input_hook, cfg.output_hook) == ("auto", "auto")
+    assert (cfg.source.input_hook, cfg.source.output_hook) == ("auto", "auto")
     manifest = generate.generate_cache(cfg, model=run.model)
     assert manifest.hooks == DEFAULT
     assert read_manifest(out).hooks == DEFAULT
@@ -342,7 +344,7 @@ def test_auto_hooks_in_cache_and_resume(runs, text_file, tmp_path, monkeypatch):
     more = small_train_config(str(run.folder), run.run_dir, n_steps=5, dataset=str(text_file))
     CLTTrainingRunner(more, override_model=run.model, resume=run.run_dir).run()
     saved = json.loads((run.run_dir / "train_config.json").read_text())
-    assert (saved["n_steps"], saved["input_hook"], saved["output_hook"]) == (
+    assert (saved["n_steps"], saved["source"]["input_hook"], saved["source"]["output_hook"]) == (
         5, DEFAULT.input_hook, DEFAULT.output_hook)
     other = small_train_config(str(run.folder), run.run_dir, n_steps=6, dataset=str(text_file),
                                input_hook="hook_resid_mid")
@@ -363,16 +365,17 @@ _CONFIG_FAMILY = {
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_ready_configs_use_official_names_and_family_hooks(path, monkeypatch):
     cfg = load_config(TrainConfig, path)
-    family = model_family(cfg.model)
-    assert family == _CONFIG_FAMILY[cfg.model]
-    hooks = resolve_hooks(cfg.model, cfg.input_hook, cfg.output_hook)
+    family = model_family(cfg.source.model)
+    assert family == _CONFIG_FAMILY[cfg.source.model]
+    hooks = resolve_hooks(cfg.source.model, cfg.source.input_hook, cfg.source.output_hook)
     assert hooks == default_hooks(family)
-    if cfg.model == "embedded":
+    if cfg.source.model == "embedded":
         return
     calls = []
     monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing",
                         lambda name, **kw: calls.append(name) or "loaded")
-    assert load_model(cfg.model) == "loaded"  # TransformerLens's official loader, unprocessed
+    # TransformerLens's official loader, unprocessed
+    assert load_model(cfg.source.model) == "loaded"
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
 
     assert calls[0] in OFFICIAL_MODEL_NAMES
@@ -400,8 +403,8 @@ def test_unsupported_families_get_a_clear_error(tmp_path, runs):
     with pytest.raises(UnsupportedFamilyError, match=rf"'mistral'.*{supported}"):
         default_hooks(mistral_dir)
     # caches with "auto" hooks fail on the name, before the model is loaded
-    cache_cfg = generate.CacheConfig(model=str(mistral_dir), out_dir=str(tmp_path / "c"),
-                                     progress=False)
+    cache_cfg = generate.CacheConfig(source=SourceConfig(model=str(mistral_dir)),
+                                     out_dir=str(tmp_path / "c"), progress=False)
     with pytest.raises(UnsupportedFamilyError, match="'mistral'"):
         generate.generate_cache(cache_cfg)
     assert not (tmp_path / "c").exists()

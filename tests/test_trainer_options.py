@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clt_lens.config import build_config
 from clt_lens.training import CLTTrainingRunner, TrainConfig
 from clt_lens.training.sources import SyntheticSource
 
@@ -21,7 +22,7 @@ def cfg(tmp: Path, **kw) -> TrainConfig:
                 normalization_tokens=64, progress=False, out_dir=str(tmp), sparsity_coeff=0.01,
                 lr_warmup_steps=1, sparsity_warmup_steps=1, log_every=1)
     base.update(kw)
-    return TrainConfig(**base)
+    return build_config(TrainConfig, base)  # flat keys: the old spellings still work
 
 
 def run(c: TrainConfig, micro: int) -> torch.nn.Module:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from clt_lens.training.config import saved_train_config
+
 TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
 
 
@@ -93,7 +95,7 @@ def test_02_your_own_model(tmp_path):
     cfg = json.loads((out / "train" / "final" / "cfg.json").read_text())
     assert cfg["n_layers"] == 2 and cfg["d_in"] == 32 and cfg["d_sae"] == 64
     saved = json.loads((out / "train" / "train_config.json").read_text())
-    assert saved["cache_dir"] == str(out / "cache") and saved["model"] == str(model_dir)
+    assert saved["cache_dir"] == str(out / "cache") and saved["source"]["model"] == str(model_dir)
     result = json.loads((out / "eval" / "eval.json").read_text())
     assert result["n_layers"] == 2 and result["dataset"] == str(text)
     # a single text file has no held-out split: the script says it evaluates on train text
@@ -178,15 +180,16 @@ def test_06_clt_vs_plt(tmp_path):
     assert "embedded-deep: 8 layers" in stdout
     for kind in ("clt", "plt"):
         cfg = json.loads((out / kind / "train_config.json").read_text())
-        assert cfg["cross_layer"] == (kind == "clt") and cfg["model"] == "embedded-deep"
+        assert cfg["clt"]["cross_layer"] == (kind == "clt")
+        assert cfg["source"]["model"] == "embedded-deep"
         result = json.loads((out / f"eval_{kind}" / "eval.json").read_text())
         assert result["n_layers"] == 8 and "feature_density" in result
         assert result["training_window"]["step"] == cfg["n_steps"]
-    clt_cfg, plt_cfg = (json.loads((out / k / "train_config.json").read_text())
+    clt_cfg, plt_cfg = (saved_train_config(json.loads((out / k / "train_config.json").read_text()))
                         for k in ("clt", "plt"))
     # one recipe: only the architecture and the coefficient that matches L0 differ
     diff = {k for k in clt_cfg if clt_cfg[k] != plt_cfg[k]}
-    assert diff == {"cross_layer", "sparsity_coeff", "out_dir"}
+    assert diff == {"clt.cross_layer", "clt.sparsity_coeff", "out_dir"}
     graphs = json.loads((out / "graphs.json").read_text())
     for kind in ("clt", "plt"):
         rows = graphs[kind]["prompts"]

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from clt_lens.activations import HookSpec, collect_activations
     from clt_lens.data import load_tokens
     from clt_lens.evals import evaluate, markdown_table
-    from clt_lens.training import CLTTrainingRunner, TrainConfig
+    from clt_lens.training import CLTSpec, CLTTrainingRunner, SourceConfig, TrainConfig
 
     # ------------------------------------------------------------------------------------
     # 1. The model. load_model returns an *unprocessed* HookedTransformer: LayerNorm weights
@@ -123,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------------------------------
     print("\n== 3. training (streamed activations) ==")
     train_cfg = TrainConfig(
-        model="embedded",
-        dataset="embedded",
-        d_sae=size["d_sae"],                 # features per layer
-        activation="jumprelu",               # or "relu", "topk", "batchtopk"
-        cross_layer=True,                    # False trains per-layer transcoders instead
-        sparsity_penalty="tanh",             # Anthropic's tanh(c * |f| * ||W_dec||) penalty
-        sparsity_coeff=0.3,
+        source=SourceConfig(model="embedded", dataset="embedded"),  # what the CLT reads
+        clt=CLTSpec(                         # the CLT itself
+            d_sae=size["d_sae"],             # features per layer
+            activation="jumprelu",           # or "relu", "topk", "batchtopk"
+            cross_layer=True,                # False trains per-layer transcoders instead
+            sparsity_penalty="tanh",         # Anthropic's tanh(c * |f| * ||W_dec||) penalty
+            sparsity_coeff=0.3,
+        ),
         sparsity_warmup_steps=size["sparsity_warmup_steps"],
         batch_size=size["batch_size"],       # tokens per optimizer step
         n_steps=size["n_steps"],
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=str(out / "train"),
     )
     # override_model hands the already loaded model to the trainer (otherwise it would
-    # load cfg.model itself). The run directory gets metrics.jsonl, training_curves.png,
+    # load cfg.source.model itself). The run directory gets metrics.jsonl, training_curves.png,
     # checkpoints/ and final/ (a SAELens folder).
     clt = CLTTrainingRunner(train_cfg, override_model=model).run()
     final = out / "train" / "final"

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from clt_lens.config import load_config
     from clt_lens.evals import evaluate, markdown_table
     from clt_lens.models import EMBEDDED_DIR
-    from clt_lens.training import CLTTrainingRunner, TrainConfig
+    from clt_lens.training import CLTTrainingRunner, SourceConfig, TrainConfig
     from clt_lens.training.cli import resolve_config_path
 
     model_dir = str(Path(args.model_dir or EMBEDDED_DIR).expanduser().resolve())
@@ -128,18 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== 2. activation cache ==")
     cache_dir = out / "cache"
     cache_cfg = CacheConfig(
-        model=model_dir,
-        dataset=args.dataset,
-        split="train",
-        context_size=ctx,
+        source=SourceConfig(
+            model=model_dir,
+            dataset=args.dataset,
+            split="train",
+            context_size=ctx,
+            input_hook="ln2.hook_normalized",   # block-relative, as in tutorial 1
+            output_hook="hook_mlp_out",
+        ),
         n_tokens=size["cache_tokens"],
         shard_tokens=max(1024, size["cache_tokens"] // 8),
-        input_hook="ln2.hook_normalized",   # block-relative, as in tutorial 1
-        output_hook="hook_mlp_out",
         out_dir=str(cache_dir),
         device=args.device,
     )
-    # model=... reuses the loaded model; without it generate_cache loads cfg.model itself.
+    # model=... reuses the loaded model; without it generate_cache loads cfg.source.model itself.
     manifest = generate_cache(cache_cfg, model=model)
     assert manifest is not None  # None only when other jobs of a split run are unfinished
     print(inspect(cache_dir))
@@ -153,22 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== 3. training from the cache ==")
     gpt2_yaml = resolve_config_path("gpt2-small")
     reference = load_config(TrainConfig, gpt2_yaml)
-    print(f"{gpt2_yaml.name}: d_sae {reference.d_sae}, batch {reference.batch_size}, "
-          f"{reference.n_steps} steps, sparsity_coeff {reference.sparsity_coeff}, "
+    print(f"{gpt2_yaml.name}: d_sae {reference.clt.d_sae}, batch {reference.batch_size}, "
+          f"{reference.n_steps} steps, sparsity_coeff {reference.clt.sparsity_coeff}, "
           f"device {reference.device}, distributed {reference.distributed}")
     split = heldout_split(args.dataset, model.tokenizer, ctx)
     cfg = load_config(TrainConfig, gpt2_yaml, {
-        "model": model_dir,
-        "dataset": args.dataset,
-        "context_size": ctx,
+        # the sections as in the YAML file: `source` (what the CLT reads), `clt` (the CLT)
+        "source": {"model": model_dir, "dataset": args.dataset, "context_size": ctx},
+        "clt": {"d_sae": size["d_sae"],
+                "sparsity_coeff": 0.3},   # the scale suits small models; see tutorial 1
         "cache_dir": str(cache_dir),      # train from the cache, not by running the model
         "heldout_split": split,           # held-out EV/L0 during training (model streamed)
-        "d_sae": size["d_sae"],
         "batch_size": size["batch_size"],
         "n_steps": size["n_steps"],
         "lr": 1e-3,
         "lr_warmup_steps": size["n_steps"] // 10,
-        "sparsity_coeff": 0.3,            # the scale suits small models; see tutorial 1
         "sparsity_warmup_steps": size["n_steps"] // 3,
         "dead_window_tokens": size["batch_size"] * size["n_steps"] // 2,
         "normalization_tokens": min(4096, size["cache_tokens"]),

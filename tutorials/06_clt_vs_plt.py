@@ -48,7 +48,7 @@ def train(kind: str, args: argparse.Namespace, size: dict, model, out: Path,
           sparsity_coeff: float) -> Path:
     """One TrainConfig for both: only cross_layer (and the coefficient that matches L0)
     differ, so the two see the same tokens in the same order for the same steps."""
-    from clt_lens.training import CLTTrainingRunner, TrainConfig
+    from clt_lens.training import CLTSpec, CLTTrainingRunner, SourceConfig, TrainConfig
 
     given = getattr(args, kind)
     if given:
@@ -60,10 +60,11 @@ def train(kind: str, args: argparse.Namespace, size: dict, model, out: Path,
         return path
     steps = size["n_steps"]
     cfg = TrainConfig(
-        model=args.model, dataset="embedded", d_sae=size["d_sae"], activation="jumprelu",
-        cross_layer=kind == "clt", sparsity_coeff=sparsity_coeff,
+        source=SourceConfig(model=args.model, dataset="embedded"),
+        clt=CLTSpec(d_sae=size["d_sae"], activation="jumprelu", cross_layer=kind == "clt",
+                    sparsity_coeff=sparsity_coeff, preact_coeff=1e-2),
         sparsity_warmup_steps=max(steps // 3, 1), lr_warmup_steps=max(steps // 10, 1),
-        preact_coeff=1e-2, batch_size=size["batch_size"], n_steps=steps,
+        batch_size=size["batch_size"], n_steps=steps,
         normalization_tokens=4 * size["batch_size"], heldout_tokens=2 * size["batch_size"],
         eval_every=max(steps // 2, 1), stream_sequences_per_refill=size["refill"],
         seed=0, device=args.device, out_dir=str(out / kind), progress=not args.small,

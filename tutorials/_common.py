@@ -35,7 +35,7 @@ def base_parser(doc: str, number: str) -> argparse.ArgumentParser:
 
 def get_clt(args: argparse.Namespace, model: Any, out: Path) -> Path:
     """The CLT checkpoint folder to use: --clt, tutorial 1's, or a freshly trained one."""
-    from clt_lens.training import CLTTrainingRunner, TrainConfig
+    from clt_lens.training import CLTSpec, CLTTrainingRunner, TrainConfig
 
     if args.clt:
         path = Path(args.clt)
@@ -53,8 +53,8 @@ def get_clt(args: argparse.Namespace, model: Any, out: Path) -> Path:
     print(f"training a quick CLT ({d_sae} features per layer, {steps} steps; "
           "run tutorial 1 first or pass --clt to skip this)")
     cfg = TrainConfig(
-        model="embedded", d_sae=d_sae, n_steps=steps, batch_size=batch,
-        sparsity_coeff=0.3, sparsity_warmup_steps=steps // 3, lr_warmup_steps=steps // 10,
+        clt=CLTSpec(d_sae=d_sae, sparsity_coeff=0.3), n_steps=steps, batch_size=batch,
+        sparsity_warmup_steps=steps // 3, lr_warmup_steps=steps // 10,
         normalization_tokens=sample, heldout_tokens=sample // 2, eval_every=steps,
         stream_sequences_per_refill=8 if args.small else 32, device=args.device,
         out_dir=str(out / "train"),

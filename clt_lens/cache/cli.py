@@ -4,8 +4,9 @@
     clt-lens cache --merge DIR [--verify]
     clt-lens cache --inspect DIR
 
-Config keys are the fields of ``clt_lens.cache.CacheConfig`` (e.g. ``--out_dir runs/cache
---n_tokens 2e6 --codec int8``); the YAML file is optional when overrides give ``out_dir``.
+Options are the fields of ``clt_lens.cache.CacheConfig`` (e.g. ``--out_dir runs/cache
+--n_tokens 2e6 --codec int8 --source.model gpt2``; ``--help`` lists them all); the YAML file is
+optional when the options give ``out_dir``.
 ``out_dir`` and DIR may be local directories or fsspec URLs (``s3://bucket/cache``).
 """
 
@@ -13,25 +14,31 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
+from clt_lens.cache.generate import CacheConfig
+from clt_lens.cli_args import add_config_arguments, config_from_args, reject_unknown
 from clt_lens.config import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML file with CacheConfig keys (optional)")
+    parser.usage = ("clt-lens cache [CONFIG.yaml] [--field value ...] [--job-index I --num-jobs N]"
+                    "\n       clt-lens cache --merge DIR [--verify] | --inspect DIR")
+    parser.add_argument("config", nargs="?", metavar="CONFIG",
+                        help="YAML file with CacheConfig fields (optional); options override it")
     parser.add_argument("--job-index", type=int, default=0, help="this job's index (0-based)")
     parser.add_argument("--num-jobs", type=int, default=1, help="number of independent jobs")
     parser.add_argument("--merge", metavar="DIR", help="check all shards exist; write manifest")
     parser.add_argument("--verify", action="store_true", help="with --merge: recheck sha256")
     parser.add_argument("--inspect", metavar="DIR", help="print a summary of a cache")
-    parser.epilog = "Other --key value pairs override CacheConfig fields."
+    add_config_arguments(parser, CacheConfig)
+    parser.epilog = ("Nested fields take dotted names (--source.model gpt2); the old flat "
+                     "spellings (--model, --dataset) still work.")
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from clt_lens.cache import CacheConfig, generate_cache, inspect, merge_cache
-    from clt_lens.config import load_config
+    from clt_lens.cache import generate_cache, inspect, merge_cache
 
+    reject_unknown(extra, "cache")
     if args.inspect:
         print(inspect(args.inspect))
         return 0
@@ -41,29 +48,13 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
               f"{args.merge}/manifest.json")
         print(inspect(args.merge))
         return 0
-    config, extra = _split_config(args.config, list(extra))
-    if config is None and not extra:
-        raise ConfigError("give a config file and/or --key value overrides (at least --out_dir)")
-    cfg = load_config(CacheConfig, config, extra)
+    if args.config is None and not hasattr(args, "out_dir"):
+        raise ConfigError("give a config file and/or --field value options (at least --out_dir)")
+    cfg = config_from_args(CacheConfig, args, args.config)
     manifest = generate_cache(cfg, job_index=args.job_index, num_jobs=args.num_jobs)
     if manifest is not None:
         print(inspect(cfg.out_dir))
     return 0
-
-
-def _split_config(config: str | None, extra: list[str]) -> tuple[str | None, list[str]]:
-    """Undo argparse taking an override's value for the optional CONFIG positional.
-
-    ``clt-lens cache --out_dir runs/c`` parses as config="runs/c" with extra ["--out_dir"]; a
-    value that is no YAML file and follows a bare ``--key`` goes back to that key.
-    """
-    if config is None or Path(config).suffix in (".yaml", ".yml") or Path(config).is_file():
-        return config, extra
-    for i, tok in enumerate(extra):
-        bare = tok.startswith("--") and "=" not in tok
-        if bare and (i + 1 == len(extra) or extra[i + 1].startswith("--")):
-            return None, [*extra[: i + 1], config, *extra[i + 1 :]]
-    return config, extra
 
 
 def main(argv: Sequence[str] | None = None) -> int:

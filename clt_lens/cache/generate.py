@@ -28,8 +28,8 @@ import errno
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -49,6 +49,7 @@ from clt_lens.cache.format import (
 )
 from clt_lens.cache.storage import Store
 from clt_lens.config import ConfigError, config_to_dict
+from clt_lens.source_config import SOURCE_RENAMES, SourceConfig, flatten
 
 # Keys that do not change shard contents: jobs may differ in them.
 _RUNTIME_KEYS = ("out_dir", "device", "batch_size", "progress")
@@ -56,40 +57,38 @@ _RUNTIME_KEYS = ("out_dir", "device", "batch_size", "progress")
 
 @dataclass
 class CacheConfig:
-    model: str = "embedded"  # "embedded", a local Hugging Face folder, or a model name
-    dataset: str = "embedded"  # see clt_lens.data
-    split: str = "train"
-    context_size: int | None = None  # default: the model's n_ctx
-    # "auto": the model family's default (clt_lens.models.SUPPORTED), resolved before anything is
-    # written, so config.json and the manifest hold the real names.
-    input_hook: str = "auto"
-    output_hook: str = "auto"
+    # where activations come from: model, dataset, split, context_size and hooks ("auto": the
+    # model family's default, resolved before anything is written, so cache_config.json and
+    # the manifest hold the real names)
+    source: SourceConfig = field(default_factory=SourceConfig)
     n_tokens: int = 1_000_000  # activation tokens wanted in the cache
     shard_tokens: int = 16_384  # tokens per shard (rounded up to whole sequences)
     # tokens per independently readable chunk; default: ~1 MiB per layer slice (128..4096)
     chunk_tokens: int | None = None
     batch_size: int = 32  # sequences per forward pass
-    codec: str = DEFAULT_CODEC  # fp32 | fp16 | bf16 | int8 | errbound
+    # errbound: per-channel error-bounded quantisation (target_fvu); int8/fp16/bf16/fp32 plain
+    codec: Literal["fp32", "fp16", "bf16", "int8", "errbound"] = DEFAULT_CODEC
     zstd_level: int = 3  # 0 = no zstd
     target_fvu: float = 1e-3  # errbound: quantisation FVU bound of every channel (or layer)
-    allocation: str = "channel"  # errbound: bound every "channel" (default) or every "layer"
+    allocation: Literal["channel", "layer"] = "channel"  # errbound: what the bound covers
     exclude_bos: bool = True  # drop BOS positions (see the module docstring for why)
     bos_token_id: int | None = None  # default: the tokenizer's BOS (else EOS) id
     pad_token_id: int | None = None
-    out_dir: str = ""
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"  # model weights dtype
-    progress: bool = True
+    out_dir: str = ""  # the cache directory (local path or fsspec URL such as s3://b/c)
+    seed: int = 0  # seeds the dataset's shuffle
+    device: str = "cpu"  # where the model runs
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # model weights dtype
+    progress: bool = True  # tqdm progress bar
+
+    renamed_keys: ClassVar[dict[str, str]] = SOURCE_RENAMES
 
     def validate(self) -> None:
         if not self.out_dir:
             raise ConfigError("config key 'out_dir' is required (the cache directory to write)")
+        self.source.validate()
         for key in ("n_tokens", "shard_tokens", "chunk_tokens", "batch_size"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"config key '{key}' must be positive, got {getattr(self, key)}")
-        if self.context_size is not None and self.context_size < 2:
-            raise ConfigError(f"config key 'context_size' must be >= 2, got {self.context_size}")
         if self.codec not in CODECS:
             raise ConfigError(f"config key 'codec': {self.codec!r} is not one of {sorted(CODECS)}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
@@ -98,7 +97,6 @@ class CacheConfig:
             )
         try:
             self.make_codec()
-            HookSpec(self.input_hook, self.output_hook)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -111,11 +109,16 @@ class CacheConfig:
 
     @property
     def hooks(self) -> HookSpec:
-        return HookSpec(self.input_hook, self.output_hook)
+        return self.source.hooks
+
+    def flat_dict(self) -> dict[str, Any]:
+        """The config as cache_config.json stores it: the source fields at the top level, as
+        written before they became a section (so older caches' checks and hashes agree)."""
+        return flatten(config_to_dict(self))
 
     def content_dict(self) -> dict[str, Any]:
         """The keys that determine the cache's bytes."""
-        d = config_to_dict(self)
+        d = self.flat_dict()
         for k in _RUNTIME_KEYS:
             d.pop(k)
         return d
@@ -131,8 +134,8 @@ def default_token_source(cfg: CacheConfig, model: Any, context_size: int, chunk:
     from clt_lens.data import iter_token_batches
 
     return iter_token_batches(
-        cfg.dataset, tokenizer=model.tokenizer, context_size=context_size, batch_size=chunk,
-        split=cfg.split, seed=cfg.seed,
+        cfg.source.dataset, tokenizer=model.tokenizer, context_size=context_size,
+        batch_size=chunk, split=cfg.source.split, seed=cfg.seed,
     )
 
 
@@ -140,7 +143,7 @@ def _load_model(cfg: CacheConfig) -> Any:
     from clt_lens.models import load_model
 
     dtype = getattr(torch, cfg.dtype)
-    return load_model(cfg.model, device=cfg.device, dtype=dtype)
+    return load_model(cfg.source.model, device=cfg.device, dtype=dtype)
 
 
 def _model_id(model: Any, name: str) -> str:
@@ -179,7 +182,7 @@ def _shards_of_stream(tokens: Iterable[Tensor], plan: dict[str, Any]
 
 
 def plan_for(cfg: CacheConfig, model: Any) -> dict[str, Any]:
-    ctx = cfg.context_size or int(model.cfg.n_ctx)
+    ctx = cfg.source.context_size or int(model.cfg.n_ctx)
     if ctx > model.cfg.n_ctx:
         raise ConfigError(
             f"config key 'context_size': {ctx} exceeds the model's context ({model.cfg.n_ctx})"
@@ -252,10 +255,10 @@ def generate_cache(
     chash = config_hash({"config": content, "plan": plan})
     out.makedirs()
     _check_saved_config(out, content, chash)
-    mid = _model_id(model, cfg.model)
+    mid = _model_id(model, cfg.source.model)
     if not out.exists(writer.CONFIG_NAME):
         out.write_json(writer.CONFIG_NAME,
-                       {"config": config_to_dict(cfg), "config_hash": chash, "plan": plan})
+                       {"config": cfg.flat_dict(), "config_hash": chash, "plan": plan})
 
     owned = [k for k in range(plan["n_shards"]) if k % num_jobs == job_index]
     record = writer.JobRecord(out, job_index, num_jobs, config_hash=chash, model_id=mid)
@@ -290,7 +293,8 @@ def generate_cache(
                 if k >= last:
                     break
             if seen < 0:
-                raise CacheError(f"dataset {cfg.dataset!r} (split {cfg.split!r}) yielded no "
+                raise CacheError(f"dataset {cfg.source.dataset!r} (split {cfg.source.split!r}) "
+                                 "yielded no "
                                  "token sequences")
             if seen < last and stream_shards is None:
                 stream_shards = seen + 1
@@ -298,7 +302,7 @@ def generate_cache(
         bar.close()
     if stream_shards is not None:
         record.data["stream_shards"] = stream_shards
-        print(f"warning: dataset {cfg.dataset!r} ran out after {stream_shards} of "
+        print(f"warning: dataset {cfg.source.dataset!r} ran out after {stream_shards} of "
               f"{plan['n_shards']} planned shards; the cache will be smaller than n_tokens",
               file=sys.stderr)
     record.data["done"] = True
@@ -317,13 +321,15 @@ def _resolve_auto_hooks(cfg: CacheConfig, model: Any) -> tuple[CacheConfig, Any]
     (no loading), else from the loaded model."""
     from clt_lens.models import AUTO_HOOK, model_family, resolve_hooks
 
-    if AUTO_HOOK not in (cfg.input_hook, cfg.output_hook):
+    src = cfg.source
+    if AUTO_HOOK not in (src.input_hook, src.output_hook):
         return cfg, model
-    if model is None and model_family(cfg.model) == "unknown":
+    if model is None and model_family(src.model) == "unknown":
         model = _load_model(cfg)
-    hooks = resolve_hooks(model if model is not None else cfg.model,
-                          cfg.input_hook, cfg.output_hook)
-    return replace(cfg, input_hook=hooks.input_hook, output_hook=hooks.output_hook), model
+    hooks = resolve_hooks(model if model is not None else src.model,
+                          src.input_hook, src.output_hook)
+    src = replace(src, input_hook=hooks.input_hook, output_hook=hooks.output_hook)
+    return replace(cfg, source=src), model
 
 
 def _resume(store: Store, record: writer.JobRecord, owned: list[int], chash: str) -> set[int]:

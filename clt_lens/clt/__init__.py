@@ -4,7 +4,7 @@ Importing this package registers "clt" with SAELens, so ``sae_lens.SAE.load_from
 returns a CrossLayerTranscoder.
 """
 
-from clt_lens.clt.config import CLTConfig, CLTTrainingConfig
+from clt_lens.clt.config import CLTConfig, CLTSpec, CLTTrainingConfig
 from clt_lens.clt.convert import convert_topk_to_jumprelu
 from clt_lens.clt.losses import CLTStepOutput
 from clt_lens.clt.model import CrossLayerTranscoder
@@ -15,6 +15,7 @@ register()
 
 __all__ = [
     "CLTConfig",
+    "CLTSpec",
     "CLTStepOutput",
     "CLTTrainingConfig",
     "CrossLayerTranscoder",

@@ -10,7 +10,7 @@ CLT reads and writes every layer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
@@ -34,24 +34,23 @@ SPARSE_MIN_ELEMENTS = 2**17
 
 
 @dataclass(kw_only=True)
-class CLTConfig(SAEConfig):
-    """Configuration of a CrossLayerTranscoder.
+class CLTSpec:
+    """The choices that define a CLT before a model is chosen: features per layer, variant,
+    activation and loss settings. ``TrainConfig.clt`` holds one; :class:`CLTConfig` is this
+    plus what the model and data decide (``d_in``, ``n_layers``, hooks, device, dtype).
 
-    Variants are fields of one class: ``cross_layer=False`` gives per-layer transcoders (PLT,
-    each source decodes only into its own layer), ``skip=True`` adds a linear skip
+    Variants are fields: ``cross_layer=False`` gives per-layer transcoders (PLT, each source
+    decodes only into its own layer), ``skip=True`` adds a linear skip
     ``y_j += x_j @ W_skip[j]``, ``activation`` picks JumpReLU (trainable per-feature threshold
     with a rectangle-kernel pseudo-derivative), ReLU, TopK (k per layer per token) or BatchTopK
     (k * batch per layer while training, a running per-layer threshold at inference).
-
-    Loss coefficients live here too; the trainer may override them per step.
     """
 
-    n_layers: int
-    apply_b_dec_to_input: bool = False
+    d_sae: int = 1024  # features per layer
     activation: Literal["jumprelu", "relu", "topk", "batchtopk"] = "jumprelu"
-    k: int = 32
-    cross_layer: bool = True
-    skip: bool = False
+    k: int = 32  # topk / batchtopk: active features per token per layer
+    cross_layer: bool = True  # False: per-layer transcoders (PLT)
+    skip: bool = False  # add a linear skip connection per layer
     # JumpReLU: thresholds and bandwidth are in normalised space, where activations have
     # mean squared norm d (coordinates of order 1).
     jumprelu_init_threshold: float = 0.03
@@ -61,11 +60,12 @@ class CLTConfig(SAEConfig):
     jumprelu_ste_to_input: bool = False
     sparsity_penalty: Literal["tanh", "l1"] = "tanh"
     # The MSE sums over d (and layers), so useful values grow with d_in: on a toy d=32 CLT,
-    # 0.1 -> L0 ~15 per layer at FVU 0.01, 1.0 -> L0 ~2 at FVU 0.2.
-    sparsity_coeff: float = 0.1
-    tanh_scale: float = 4.0
-    preact_coeff: float = 3e-6
-    auxk_coeff: float = 1.0 / 32.0
+    # 0.1 -> L0 ~15 per layer at FVU 0.01, 1.0 -> L0 ~2 at FVU 0.2; the demo (d=128) uses 0.3.
+    # Training warms it up over sparsity_warmup_steps.
+    sparsity_coeff: float = 1e-3
+    tanh_scale: float = 4.0  # c in tanh(c * |f| * ||W_dec||)
+    preact_coeff: float = 3e-6  # pre-activation loss (revives dead JumpReLU/ReLU features)
+    auxk_coeff: float = 1.0 / 32.0  # auxiliary-k loss weight
     # Dead features used per layer by the auxiliary-k loss (TopK/BatchTopK); None = d_in // 2.
     auxk: int | None = None
     # Also apply the auxiliary-k loss to JumpReLU (its dead features' pre-activations, relu'd,
@@ -74,10 +74,71 @@ class CLTConfig(SAEConfig):
     # Initialise b_enc from data (estimate_normalization's sample) so that each feature fires
     # on this fraction of the sample at step 0; None keeps b_enc = 0.
     b_enc_init_rate: float | None = None
-    topk_threshold_lr: float = 0.01
+    topk_threshold_lr: float = 0.01  # batchtopk: rate of the running inference threshold
+    # decoding: sparse kernels when few activations fire, dense otherwise ("auto" picks)
     decode: Literal["auto", "sparse", "dense"] = "auto"
+    # "auto" goes sparse at most at this fraction of active [batch, layer, feature] entries
     sparse_max_density: float = SPARSE_MAX_DENSITY
+
+    _label = "clt"  # how error messages name this section
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field."""
+        label = self._label
+        value = self.d_sae
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{label}.d_sae must be a positive integer, got {value!r}")
+        _check_choice(label, "activation", self.activation, ACTIVATIONS)
+        _check_choice(label, "sparsity_penalty", self.sparsity_penalty, SPARSITY_PENALTIES)
+        _check_choice(label, "decode", self.decode, DECODE_MODES)
+        if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
+            raise ConfigError(
+                f"{label}.k must be in [1, d_sae={self.d_sae}] for activation "
+                f"'{self.activation}', got {self.k}"
+            )
+        if self.auxk is not None and self.auxk <= 0:
+            raise ConfigError(f"{label}.auxk must be positive or None, got {self.auxk}")
+        for name in ("jumprelu_init_threshold", "jumprelu_bandwidth", "tanh_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{label}.{name} must be a positive number, got {value!r}")
+        for name in ("sparsity_coeff", "preact_coeff", "auxk_coeff"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{label}.{name} must be >= 0, got {value!r}")
+        if self.b_enc_init_rate is not None and not (
+            isinstance(self.b_enc_init_rate, int | float) and 0 < self.b_enc_init_rate < 1
+        ):
+            raise ConfigError(
+                f"{label}.b_enc_init_rate must be in (0, 1) or None, got {self.b_enc_init_rate!r}"
+            )
+        if not 0 < self.topk_threshold_lr <= 1:
+            raise ConfigError(
+                f"{label}.topk_threshold_lr must be in (0, 1], got {self.topk_threshold_lr}"
+            )
+        if not 0 <= self.sparse_max_density <= 1:
+            raise ConfigError(
+                f"{label}.sparse_max_density must be in [0, 1], got {self.sparse_max_density}"
+            )
+
+
+def spec_fields() -> tuple[str, ...]:
+    """Names of the CLTSpec fields (what ``TrainConfig.clt`` holds)."""
+    return tuple(f.name for f in fields(CLTSpec))
+
+
+@dataclass(kw_only=True)
+class CLTConfig(CLTSpec, SAEConfig):
+    """Configuration of a CrossLayerTranscoder: a :class:`CLTSpec` plus the model's sizes.
+
+    Loss coefficients live here too; the trainer may override them per step.
+    """
+
+    n_layers: int
+    apply_b_dec_to_input: bool = False
     metadata: SAEMetadata = field(default_factory=SAEMetadata)
+
+    _label = "CLTConfig"
 
     @classmethod
     def architecture(cls) -> str:
@@ -96,13 +157,11 @@ class CLTConfig(SAEConfig):
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
-        for name in ("d_in", "d_sae", "n_layers"):
+        for name in ("d_in", "n_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"CLTConfig.{name} must be a positive integer, got {value!r}")
-        _check_choice("activation", self.activation, ACTIVATIONS)
-        _check_choice("sparsity_penalty", self.sparsity_penalty, SPARSITY_PENALTIES)
-        _check_choice("decode", self.decode, DECODE_MODES)
+        super().validate()
         if self.apply_b_dec_to_input:
             raise ConfigError(
                 "CLTConfig.apply_b_dec_to_input must be False: b_dec is [n_layers, d] and "
@@ -112,35 +171,6 @@ class CLTConfig(SAEConfig):
             raise ConfigError(
                 "CLTConfig.normalize_activations must be 'none': the CLT keeps its own per-layer "
                 "scales (buffers input_scale/output_scale, see estimate_normalization)"
-            )
-        if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
-            raise ConfigError(
-                f"CLTConfig.k must be in [1, d_sae={self.d_sae}] for activation "
-                f"'{self.activation}', got {self.k}"
-            )
-        if self.auxk is not None and self.auxk <= 0:
-            raise ConfigError(f"CLTConfig.auxk must be positive or None, got {self.auxk}")
-        for name in ("jumprelu_init_threshold", "jumprelu_bandwidth", "tanh_scale"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"CLTConfig.{name} must be a positive number, got {value!r}")
-        for name in ("sparsity_coeff", "preact_coeff", "auxk_coeff"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"CLTConfig.{name} must be >= 0, got {value!r}")
-        if self.b_enc_init_rate is not None and not (
-            isinstance(self.b_enc_init_rate, int | float) and 0 < self.b_enc_init_rate < 1
-        ):
-            raise ConfigError(
-                f"CLTConfig.b_enc_init_rate must be in (0, 1) or None, got {self.b_enc_init_rate!r}"
-            )
-        if not 0 < self.topk_threshold_lr <= 1:
-            raise ConfigError(
-                f"CLTConfig.topk_threshold_lr must be in (0, 1], got {self.topk_threshold_lr}"
-            )
-        if not 0 <= self.sparse_max_density <= 1:
-            raise ConfigError(
-                f"CLTConfig.sparse_max_density must be in [0, 1], got {self.sparse_max_density}"
             )
         for key in ("hook_name", "hook_name_out"):
             hook = self.metadata[key]
@@ -197,9 +227,9 @@ class CLTTrainingConfig(CLTConfig, TrainingSAEConfig):
         return cls(**_kwargs_from_dict(config_dict, cls))
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def _check_choice(label: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"CLTConfig.{name} must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"{label}.{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _kwargs_from_dict(config_dict: dict[str, Any], cls: type) -> dict[str, Any]:

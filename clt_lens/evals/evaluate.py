@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from clt_lens.clt.loading import check_compatible, load_clt
 from clt_lens.errors import CLTLensError
 from clt_lens.evals.metrics import CEStats, LayerStats, ce_recovered, kl_div, token_ce
+from clt_lens.training.config import saved_train_config
 
 
 class EvalError(CLTLensError, ValueError):
@@ -40,7 +41,7 @@ def _training_dataset(path: Any) -> str | None:
         Path(path).parent / "train_config.json",
     ):
         if cand.is_file():
-            return json.loads(cand.read_text()).get("dataset")
+            return saved_train_config(json.loads(cand.read_text())).get("source.dataset")
     return None
 
 

@@ -4,8 +4,10 @@ The one entry point is ``CLTTrainingRunner(cfg).run()`` (``clt-lens train`` on t
 line, under ``torchrun`` for several processes).
 """
 
+from clt_lens.clt.config import CLTSpec
+from clt_lens.source_config import SourceConfig
 from clt_lens.training.config import TrainConfig
 from clt_lens.training.runner import CLTTrainingRunner
 from clt_lens.training.trainer import TrainingDiverged
 
-__all__ = ["CLTTrainingRunner", "TrainConfig", "TrainingDiverged"]
+__all__ = ["CLTSpec", "CLTTrainingRunner", "SourceConfig", "TrainConfig", "TrainingDiverged"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clt_lens.config import load_config
+from clt_lens.cli_args import add_config_arguments, config_from_args, reject_unknown
 from clt_lens.errors import MissingFileError
 from clt_lens.training.config import TrainConfig
 
@@ -31,21 +31,23 @@ def resolve_config_path(name: str | None) -> Path | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    # The config file is taken from the leftover arguments in run(): a declared optional
-    # positional would swallow the value of the first unknown "--field value" override.
     p.usage = "clt-lens train [CONFIG.yaml | PACKAGED_NAME] [--resume DIR] [--field value ...]"
+    p.add_argument("config", nargs="?", metavar="CONFIG",
+                   help="YAML file or packaged config (demo, gpt2-small, pythia-160m, "
+                        "gemma-2-2b, llama-3.2-1b); options override its fields")  # fmt: skip
     p.add_argument("--resume", help="run or checkpoint directory to continue from")
+    add_config_arguments(p, TrainConfig)
     p.epilog = (
-        "CONFIG is a YAML file or a packaged config (demo, gpt2-small, pythia-160m, gemma-2-2b, "
-        "llama-3.2-1b). Any TrainConfig field can be overridden with --field value."
+        "Nested fields take dotted names (--clt.d_sae 512, --source.model gpt2); the old flat "
+        "spellings (--d_sae, --model, --sparsity_c) still work."
     )
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from clt_lens.training.runner import CLTTrainingRunner
 
-    config = extra.pop(0) if extra and not extra[0].startswith("-") else None
-    cfg = load_config(TrainConfig, resolve_config_path(config), extra)
+    reject_unknown(extra, "train")
+    cfg = config_from_args(TrainConfig, args, resolve_config_path(args.config))
     runner = CLTTrainingRunner(cfg, resume=args.resume)
     runner.run()
     if runner.par.is_main:

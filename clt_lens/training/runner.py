@@ -26,7 +26,7 @@ from clt_lens.data import DataLoadError
 from clt_lens.models import AUTO_HOOK, load_model, model_family, model_id, resolve_hooks
 from clt_lens.training import checkpoint as ckpt_io
 from clt_lens.training import rng
-from clt_lens.training.config import STRUCTURAL_KEYS, TrainConfig
+from clt_lens.training.config import STRUCTURAL_KEYS, TrainConfig, dotted, saved_train_config
 from clt_lens.training.metrics import MetricsLog
 from clt_lens.training.parallel import Parallel
 from clt_lens.training.sources import SourceInfo, make_source
@@ -35,23 +35,12 @@ from clt_lens.training.trainer import Trainer, TrainState, make_adam
 
 def build_clt(cfg: TrainConfig, info: SourceInfo, d_sae: int | None = None, device: str = "cpu"):
     """A fresh CrossLayerTranscoder for the activations described by ``info``."""
+    spec = asdict(cfg.clt)
+    spec["d_sae"] = d_sae or cfg.clt.d_sae
     clt_cfg = CLTConfig(
+        **spec,
         d_in=info.d_model,
-        d_sae=d_sae or cfg.d_sae,
         n_layers=info.n_layers,
-        activation=cfg.activation,
-        k=cfg.k,
-        cross_layer=cfg.cross_layer,
-        skip=cfg.skip,
-        jumprelu_init_threshold=cfg.jumprelu_init_threshold,
-        jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-        jumprelu_ste_to_input=cfg.jumprelu_ste_to_input,
-        sparsity_penalty=cfg.sparsity_penalty,
-        sparsity_coeff=cfg.sparsity_coeff,
-        tanh_scale=cfg.sparsity_c,
-        preact_coeff=cfg.preact_coeff,
-        auxk_coeff=cfg.auxk_coeff,
-        decode=cfg.decode,
         device=device,
         dtype="float32",
         metadata=SAEMetadata(
@@ -70,8 +59,9 @@ def build_clt(cfg: TrainConfig, info: SourceInfo, d_sae: int | None = None, devi
 def _check_auto_hooks_by_name(cfg: TrainConfig) -> None:
     """Fail on "auto" hooks for a family without defaults before its model is loaded, when the
     name tells the family (a local folder's config.json, a known hub name)."""
-    if AUTO_HOOK in (cfg.input_hook, cfg.output_hook) and model_family(cfg.model) != "unknown":
-        resolve_hooks(cfg.model, cfg.input_hook, cfg.output_hook)
+    src = cfg.source
+    if AUTO_HOOK in (src.input_hook, src.output_hook) and model_family(src.model) != "unknown":
+        resolve_hooks(src.model, src.input_hook, src.output_hook)
 
 
 class CLTTrainingRunner:
@@ -87,7 +77,7 @@ class CLTTrainingRunner:
     names (a notebook's model object; any object with ``next()``, ``state_dict()``,
     ``load_state_dict()``, ``close()`` and ``info``; held-out ``(x, y)`` activations); the run
     is then not reproducible from the config alone. ``run()`` returns the trained CLT: the whole
-    CLT in one process or under DDP, this rank's slice under feature sharding (``cfg.d_sae`` =
+    CLT in one process or under DDP, this rank's slice under feature sharding (``cfg.clt.d_sae`` =
     F / ranks; the whole CLT is written to ``out_dir/final``).
     """
 
@@ -119,10 +109,10 @@ class CLTTrainingRunner:
             self._resume = ckpt_io.Checkpoint(resume)
             self.resume_from = self._resume.path
             self._check_resume_config(self._resume.train_config)
-        if cfg.d_sae % self.par.feature_size:
+        if cfg.clt.d_sae % self.par.feature_size:
             raise ConfigError(
-                f"d_sae={cfg.d_sae} does not split evenly over {self.par.feature_size} feature "
-                f"ranks; choose a multiple of {self.par.feature_size}"
+                f"clt.d_sae={cfg.clt.d_sae} does not split evenly over {self.par.feature_size} "
+                f"feature ranks; choose a multiple of {self.par.feature_size}"
             )
         if cfg.micro_batch_size % self.par.data_size:
             raise ConfigError(
@@ -183,43 +173,45 @@ class CLTTrainingRunner:
     def _get_model_if_streaming(self):
         if self.cfg.cache_dir or self._model is not None:
             return self._model
-        self._model = load_model(self.cfg.model, device=self.device)
+        self._model = load_model(self.cfg.source.model, device=self.device)
         return self._model
 
     def _resolve_auto_hooks(self) -> None:
         """Replace hooks set to "auto" by the ones the source resolved (the family default when
         streaming, the cache's own hooks when reading one), so checkpoints record real names."""
-        cfg = self.cfg
-        if AUTO_HOOK not in (cfg.input_hook, cfg.output_hook):
+        src = self.cfg.source
+        if AUTO_HOOK not in (src.input_hook, src.output_hook):
             return
-        self.cfg = replace(
-            cfg,
-            input_hook=self.info.input_hook if cfg.input_hook == AUTO_HOOK else cfg.input_hook,
-            output_hook=self.info.output_hook if cfg.output_hook == AUTO_HOOK else cfg.output_hook,
+        src = replace(
+            src,
+            input_hook=self.info.input_hook if src.input_hook == AUTO_HOOK else src.input_hook,
+            output_hook=self.info.output_hook if src.output_hook == AUTO_HOOK else src.output_hook,
         )
+        self.cfg = replace(self.cfg, source=src)
 
     def _check_resume_config(self, saved: dict[str, Any]) -> None:
         # a hook still "auto" (the source has not resolved it yet) is compared on the second call
-        pending = {k for k in ("input_hook", "output_hook") if getattr(self.cfg, k) == AUTO_HOOK}
+        saved, here = saved_train_config(saved), dotted(asdict(self.cfg))
+        pending = {f"source.{k}" for k in ("input_hook", "output_hook")
+                   if getattr(self.cfg.source, k) == AUTO_HOOK}  # fmt: skip
         diffs = [
             k
             for k in STRUCTURAL_KEYS
-            if k in saved and k not in pending and saved[k] != getattr(self.cfg, k)
+            if k in saved and k not in pending and saved[k] != here[k]
         ]
         if diffs:
-            detail = ", ".join(
-                f"{k}: checkpoint={saved[k]!r} config={getattr(self.cfg, k)!r}" for k in diffs
-            )
+            detail = ", ".join(f"{k}: checkpoint={saved[k]!r} config={here[k]!r}" for k in diffs)
             raise ConfigError(
                 f"cannot resume from {self.resume_from}: incompatible config ({detail})"
             )
 
     def _check_source(self) -> None:
         info = self.info
-        if (info.input_hook, info.output_hook) != (self.cfg.input_hook, self.cfg.output_hook):
+        src = self.cfg.source
+        if (info.input_hook, info.output_hook) != (src.input_hook, src.output_hook):
             raise ConfigError(
                 f"activation source uses hooks ({info.input_hook}, {info.output_hook}) but the "
-                f"config asks for ({self.cfg.input_hook}, {self.cfg.output_hook})"
+                f"config asks for ({src.input_hook}, {src.output_hook})"
             )
 
     def _check_data_layout(self, data_state: dict[str, Any]) -> None:
@@ -256,12 +248,12 @@ class CLTTrainingRunner:
                 partition=False,
             )
         else:
-            model = self._model or load_model(cfg.model, device=self.device)
+            model = self._model or load_model(cfg.source.model, device=self.device)
             self._model = model
             if model_id(model) != self.info.model_id:
                 raise ConfigError(
                     f"the activation source was made with model {self.info.model_id}, but "
-                    f"config model {cfg.model!r} is {model_id(model)}"
+                    f"config model {cfg.source.model!r} is {model_id(model)}"
                 )
             src = make_source(
                 replace(cfg, cache_dir=None),
@@ -313,14 +305,15 @@ class CLTTrainingRunner:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        self.features = par.shard_slice(cfg.d_sae)
-        clt = build_clt(cfg, self.info, d_sae=cfg.d_sae // par.feature_size, device=self.device)
+        d_sae = cfg.clt.d_sae
+        self.features = par.shard_slice(d_sae)
+        clt = build_clt(cfg, self.info, d_sae=d_sae // par.feature_size, device=self.device)
         if self._resume is not None:
             with self._resume.weights() as reader:
                 self._read_tensors(clt.state_dict(), reader, "weights")
         else:
             init_clt_(clt, seed=cfg.seed, feature_start=self.features.start,
-                      total_features=cfg.d_sae)  # fmt: skip
+                      total_features=d_sae)  # fmt: skip
             x, y = self._normalization_sample()
             clt.estimate_normalization(x.to(self.device), y.to(self.device))
         self.clt = clt

@@ -25,7 +25,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 def sparsity_coeff(cfg: TrainConfig, step: int) -> float:
-    """Sparsity coefficient at ``step``: linear warm-up from 0 to cfg.sparsity_coeff."""
+    """Sparsity coefficient at ``step``: linear warm-up from 0 to cfg.clt.sparsity_coeff."""
     if cfg.sparsity_warmup_steps and step < cfg.sparsity_warmup_steps:
-        return cfg.sparsity_coeff * (step + 1) / cfg.sparsity_warmup_steps
-    return cfg.sparsity_coeff
+        return cfg.clt.sparsity_coeff * (step + 1) / cfg.sparsity_warmup_steps
+    return cfg.clt.sparsity_coeff

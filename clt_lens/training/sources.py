@@ -115,20 +115,20 @@ class StreamSource:
         self.cfg = cfg
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
-        self.split = split or cfg.split
+        self.split = split or cfg.source.split
         self.seed = cfg.seed if seed is None else seed
-        self.model = model if model is not None else load_model(cfg.model, device=cfg.device)
-        self.hooks = resolve_hooks(self.model, cfg.input_hook, cfg.output_hook)
-        self.context_size = cfg.context_size or self.model.cfg.n_ctx
+        self.model = model if model is not None else load_model(cfg.source.model, device=cfg.device)
+        self.hooks = resolve_hooks(self.model, cfg.source.input_hook, cfg.source.output_hook)
+        self.context_size = cfg.source.context_size or self.model.cfg.n_ctx
         self.info = SourceInfo(
             model_id=model_id(self.model),
-            model_name=cfg.model,
+            model_name=cfg.source.model,
             input_hook=self.hooks.input_hook,
             output_hook=self.hooks.output_hook,
             n_layers=self.model.cfg.n_layers,
             d_model=self.model.cfg.d_model,
             context_size=self.context_size,
-            dataset=cfg.dataset,
+            dataset=cfg.source.dataset,
         )
         # a refill must hold at least one batch (BOS positions are not activations)
         self.seqs_per_refill = max(cfg.stream_sequences_per_refill,
@@ -144,7 +144,7 @@ class StreamSource:
         from clt_lens.data import iter_token_batches
 
         return iter_token_batches(
-            self.cfg.dataset,
+            self.cfg.source.dataset,
             tokenizer=self.model.tokenizer,
             context_size=self.context_size,
             batch_size=self.seqs_per_refill,
@@ -193,8 +193,8 @@ class StreamSource:
                 self._empty_refills += 1
                 if self._empty_refills > 2:
                     raise InputError(
-                        f"dataset {self.cfg.dataset!r} split {self.split!r} cannot fill a batch "
-                        f"of {self.batch_size} tokens"
+                        f"dataset {self.cfg.source.dataset!r} split {self.split!r} cannot fill "
+                        f"a batch of {self.batch_size} tokens"
                     )
             else:
                 self._empty_refills = 0

@@ -259,8 +259,8 @@ class Trainer:
                     x,
                     y,
                     sparsity_coeff=coeff,
-                    preact_coeff=cfg.preact_coeff,
-                    auxk_coeff=cfg.auxk_coeff,
+                    preact_coeff=cfg.clt.preact_coeff,
+                    auxk_coeff=cfg.clt.auxk_coeff,
                     dead_mask=dead,
                     comm=par.comm,
                 )
@@ -335,7 +335,7 @@ class Trainer:
         term_t = par.sum_data(term_t) / par.data_size
         mse, sp, pre, aux = term_t.tolist()
         dead_frac = (self.since_fired >= cfg.dead_window_tokens).double().sum(-1)
-        dead_frac = (par.sum_features(dead_frac) / cfg.d_sae).tolist()
+        dead_frac = (par.sum_features(dead_frac) / cfg.clt.d_sae).tolist()
         return {
             "kind": "train",
             "step": self.step + 1,
@@ -428,7 +428,7 @@ class Trainer:
 
     def _full_cfg_dict(self) -> dict[str, Any]:
         d = self.clt.cfg.to_dict()
-        d["d_sae"] = self.cfg.d_sae  # the slice's config with the whole feature count
+        d["d_sae"] = self.cfg.clt.d_sae  # the slice's config with the whole feature count
         return d
 
     def save_checkpoint(self) -> Path:
@@ -467,7 +467,7 @@ class Trainer:
                 "world": {"data_size": par.data_size, "feature_size": par.feature_size},
             })  # fmt: skip
             if n_shards > 1:
-                write_shard_index(tmp, n_shards, cfg.d_sae)
+                write_shard_index(tmp, n_shards, cfg.clt.d_sae)
         par.barrier()  # every rank's files are written and fsynced
         path = self.ckpt_root / name
         if par.is_main:
