@@ -15,18 +15,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clt_lens.cache.format import (
-    CODECS,
-    DEFAULT_CODEC,
-    FORMAT_VERSION,
-    CacheError,
-    CacheManifest,
-    CacheMismatchError,
-    make_codec,
-    read_manifest,
-)
+from clt_lens.cache.codecs import CODECS, DEFAULT_CODEC, make_codec
+from clt_lens.cache.errors import CacheError, CacheMismatchError
 from clt_lens.cache.generate import CacheConfig, generate_cache
+from clt_lens.cache.manifest import CacheManifest, read_manifest
 from clt_lens.cache.reader import CacheReader, check_expected
+from clt_lens.cache.shard import FORMAT_VERSION
 from clt_lens.cache.storage import Store
 from clt_lens.cache.writer import merge_cache, write_cache
 

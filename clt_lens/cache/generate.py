@@ -36,17 +36,10 @@ from torch import Tensor
 
 from clt_lens.activations import HookSpec, collect_activations, validate_hooks
 from clt_lens.cache import writer
-from clt_lens.cache.format import (
-    CODECS,
-    DEFAULT_CODEC,
-    CacheError,
-    CacheManifest,
-    ShardEntry,
-    auto_chunk_tokens,
-    config_hash,
-    encode_shard,
-    make_codec,
-)
+from clt_lens.cache.codecs import CODECS, DEFAULT_CODEC, make_codec
+from clt_lens.cache.errors import CacheError
+from clt_lens.cache.manifest import CacheManifest, ShardEntry, config_hash
+from clt_lens.cache.shard import auto_chunk_tokens, encode_shard
 from clt_lens.cache.storage import Store
 from clt_lens.config import ConfigError, config_to_dict
 

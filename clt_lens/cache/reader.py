@@ -64,16 +64,9 @@ import torch
 from torch import Tensor
 
 from clt_lens.activations import HookSpec
-from clt_lens.cache.format import (
-    CacheError,
-    CacheManifest,
-    CacheMismatchError,
-    ShardView,
-    parse_header,
-    parse_shard,
-    read_manifest,
-    sha256_hex,
-)
+from clt_lens.cache.errors import CacheError, CacheMismatchError
+from clt_lens.cache.manifest import CacheManifest, read_manifest
+from clt_lens.cache.shard import ShardView, parse_header, parse_shard, sha256_hex
 from clt_lens.cache.storage import Store
 from clt_lens.errors import InputError
 
