@@ -42,6 +42,8 @@ from clt_lens.cache.manifest import CacheManifest, ShardEntry, config_hash
 from clt_lens.cache.shard import auto_chunk_tokens, encode_shard
 from clt_lens.cache.storage import Store
 from clt_lens.config import ConfigError, config_to_dict
+from clt_lens.data import iter_token_batches
+from clt_lens.models import AUTO_HOOK, load_model, model_family, model_id, resolve_hooks
 
 # Keys that do not change shard contents: jobs may differ in them.
 _RUNTIME_KEYS = ("out_dir", "device", "batch_size", "progress")
@@ -121,8 +123,6 @@ deterministic order of the packed stream (any chunking; the generator re-cuts in
 
 def default_token_source(cfg: CacheConfig, model: Any, context_size: int, chunk: int
                          ) -> Iterable[Tensor]:
-    from clt_lens.data import iter_token_batches
-
     return iter_token_batches(
         cfg.dataset, tokenizer=model.tokenizer, context_size=context_size, batch_size=chunk,
         split=cfg.split, seed=cfg.seed,
@@ -130,17 +130,12 @@ def default_token_source(cfg: CacheConfig, model: Any, context_size: int, chunk:
 
 
 def _load_model(cfg: CacheConfig) -> Any:
-    from clt_lens.models import load_model
-
     dtype = getattr(torch, cfg.dtype)
     return load_model(cfg.model, device=cfg.device, dtype=dtype)
 
 
 def _model_id(model: Any, name: str) -> str:
-    try:
-        from clt_lens.models import model_id
-    except ImportError:  # models.py not available: identify by the config alone
-        return f"{name}@{config_hash(model.cfg.to_dict() if hasattr(model.cfg, 'to_dict') else {})}"
+    del name  # model_id names the model itself
     return model_id(model)
 
 
@@ -308,8 +303,6 @@ def generate_cache(
 def _resolve_auto_hooks(cfg: CacheConfig, model: Any) -> tuple[CacheConfig, Any]:
     """Replace "auto" hooks by the family defaults: from the model name when it tells the family
     (no loading), else from the loaded model."""
-    from clt_lens.models import AUTO_HOOK, model_family, resolve_hooks
-
     if AUTO_HOOK not in (cfg.input_hook, cfg.output_hook):
         return cfg, model
     if model is None and model_family(cfg.model) == "unknown":
