@@ -1,12 +1,15 @@
 """Compressed, sharded activation caches: generate (model -> shards), merge, read, inspect.
 
-- ``codecs``: how activations become codes and back (the error-bounded default codec).
-- ``format``: the shard file layout and the manifest (described in its docstring).
+- ``codecs``: how activations become codes and back, the codec registry; ``codec_base``
+  (the interfaces every codec shares), ``errbound`` (the error-bounded default codec).
+- ``format``: the shard file layout and the manifest (described in its docstring; it re-exports
+  ``shard`` (encode, parse, decode a shard file), ``manifest`` (``manifest.json``) and
+  ``byteplanes`` (zstd and byte planes)).
 - ``storage``: local directories and fsspec URLs (``s3://``, ``gs://``, ``memory://`` ...).
 - ``generate``: ``CacheConfig`` and ``generate_cache`` (one job of a possibly split run).
 - ``writer``: atomic shard writes, per-job progress records, ``merge_cache``, ``write_cache``.
 - ``reader``: ``CacheReader`` (shuffle, rank partitions, threaded and on-device decoding,
-  prefetch, exact resume).
+  prefetch, exact resume); ``order`` (its token order), ``prefetch`` (its background thread).
 - ``lm_stats``: activations with the statistics of real language models (massive channels,
   heavy tails, BOS), for tests and benchmarks.
 """
@@ -15,18 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clt_lens.cache.format import (
-    CODECS,
-    DEFAULT_CODEC,
-    FORMAT_VERSION,
-    CacheError,
-    CacheManifest,
-    CacheMismatchError,
-    make_codec,
-    read_manifest,
-)
+from clt_lens.cache.codecs import CODECS, DEFAULT_CODEC, make_codec
+from clt_lens.cache.errors import CacheError, CacheMismatchError
 from clt_lens.cache.generate import CacheConfig, generate_cache
+from clt_lens.cache.manifest import CacheManifest, read_manifest
 from clt_lens.cache.reader import CacheReader, check_expected
+from clt_lens.cache.shard import FORMAT_VERSION
 from clt_lens.cache.storage import Store
 from clt_lens.cache.writer import merge_cache, write_cache
 

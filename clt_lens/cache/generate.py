@@ -36,19 +36,14 @@ from torch import Tensor
 
 from clt_lens.activations import HookSpec, collect_activations, validate_hooks
 from clt_lens.cache import writer
-from clt_lens.cache.format import (
-    CODECS,
-    DEFAULT_CODEC,
-    CacheError,
-    CacheManifest,
-    ShardEntry,
-    auto_chunk_tokens,
-    config_hash,
-    encode_shard,
-    make_codec,
-)
+from clt_lens.cache.codecs import CODECS, DEFAULT_CODEC, make_codec
+from clt_lens.cache.errors import CacheError
+from clt_lens.cache.manifest import CacheManifest, ShardEntry, config_hash
+from clt_lens.cache.shard import auto_chunk_tokens, encode_shard
 from clt_lens.cache.storage import Store
 from clt_lens.config import ConfigError, config_to_dict
+from clt_lens.data import iter_token_batches
+from clt_lens.models import AUTO_HOOK, load_model, model_family, model_id, resolve_hooks
 from clt_lens.source_config import SOURCE_RENAMES, SourceConfig, flatten
 
 # Keys that do not change shard contents: jobs may differ in them.
@@ -131,8 +126,6 @@ deterministic order of the packed stream (any chunking; the generator re-cuts in
 
 def default_token_source(cfg: CacheConfig, model: Any, context_size: int, chunk: int
                          ) -> Iterable[Tensor]:
-    from clt_lens.data import iter_token_batches
-
     return iter_token_batches(
         cfg.source.dataset, tokenizer=model.tokenizer, context_size=context_size,
         batch_size=chunk, split=cfg.source.split, seed=cfg.seed,
@@ -140,17 +133,12 @@ def default_token_source(cfg: CacheConfig, model: Any, context_size: int, chunk:
 
 
 def _load_model(cfg: CacheConfig) -> Any:
-    from clt_lens.models import load_model
-
     dtype = getattr(torch, cfg.dtype)
     return load_model(cfg.source.model, device=cfg.device, dtype=dtype)
 
 
 def _model_id(model: Any, name: str) -> str:
-    try:
-        from clt_lens.models import model_id
-    except ImportError:  # models.py not available: identify by the config alone
-        return f"{name}@{config_hash(model.cfg.to_dict() if hasattr(model.cfg, 'to_dict') else {})}"
+    del name  # model_id names the model itself
     return model_id(model)
 
 
@@ -319,8 +307,6 @@ def generate_cache(
 def _resolve_auto_hooks(cfg: CacheConfig, model: Any) -> tuple[CacheConfig, Any]:
     """Replace "auto" hooks by the family defaults: from the model name when it tells the family
     (no loading), else from the loaded model."""
-    from clt_lens.models import AUTO_HOOK, model_family, resolve_hooks
-
     src = cfg.source
     if AUTO_HOOK not in (src.input_hook, src.output_hook):
         return cfg, model

@@ -45,18 +45,18 @@ the cache or of its shards. By default a window holds up to 256 MiB of decoded a
 (65,536 tokens at most).
 
 The path may be a local directory or an fsspec URL (``s3://...``, ``memory://...``).
+
+The order (steps 1-3) is planned by ``order.py``; the background thread is ``prefetch.py``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
-import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +64,11 @@ import torch
 from torch import Tensor
 
 from clt_lens.activations import HookSpec
-from clt_lens.cache.format import (
-    CacheError,
-    CacheManifest,
-    CacheMismatchError,
-    ShardView,
-    parse_header,
-    parse_shard,
-    read_manifest,
-    sha256_hex,
-)
+from clt_lens.cache.errors import CacheError, CacheMismatchError
+from clt_lens.cache.manifest import CacheManifest, read_manifest
+from clt_lens.cache.order import EpochPlan, seed_for
+from clt_lens.cache.prefetch import Prefetcher
+from clt_lens.cache.shard import ShardView, parse_header, parse_shard, sha256_hex
 from clt_lens.cache.storage import Store
 from clt_lens.errors import InputError
 
@@ -100,98 +95,6 @@ def check_expected(manifest: CacheManifest, expected: dict[str, Any], source: st
             raise CacheMismatchError(
                 f"cache {source} does not match: {key} is {have!r} in the cache, expected {want!r}"
             )
-
-
-def _seed_for(*parts: int) -> int:
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-_OMP: Any = None
-
-
-def _single_threaded_torch() -> None:
-    """Make torch ops issued by *this* thread run on one thread.
-
-    Decoding runs on several Python threads next to the trainer; torch's OpenMP pool in each
-    of them would oversubscribe the cores (on 2 cores a 2-thread elementwise op ran 3x slower
-    than a 1-thread one). OpenMP keeps the thread count per thread, so this sets it for the
-    calling thread only; ``torch.set_num_threads`` would also change the default of threads
-    created later.
-    """
-    global _OMP
-    torch.get_num_threads()  # torch's lazy per-thread init first, or it would undo ours
-    if _OMP is None:
-        _OMP = False
-        try:
-            with open("/proc/self/maps") as f:
-                libs = {ln.split()[-1] for ln in f if "libgomp" in ln or "libiomp" in ln}
-            for lib in sorted(libs):
-                _OMP = ctypes.CDLL(lib)
-                break
-        except OSError:
-            pass
-    if _OMP:
-        _OMP.omp_set_num_threads(1)
-
-
-class _Epoch:
-    """One epoch's plan for one rank: chunks, windows and their token ranges."""
-
-    def __init__(self, reader: CacheReader, epoch: int) -> None:
-        m = reader.manifest
-        n = len(m.shards)
-        if reader.shuffle:
-            g = torch.Generator().manual_seed(_seed_for(reader.seed, epoch))
-            order = torch.randperm(n, generator=g).tolist()
-        else:
-            order = list(range(n))
-        if reader.partition:
-            order = order[reader.rank :: reader.world_size]
-        # units: (shard, chunk index, first token within the shard, tokens)
-        units: list[tuple[int, int, int, int]] = []
-        group = reader.group_shards if reader.shuffle else 1
-        for g0 in range(0, len(order), group):
-            per_shard = []
-            for k in order[g0 : g0 + group]:
-                sizes = reader.chunk_sizes[k]
-                starts = [0]
-                for s in sizes[:-1]:
-                    starts.append(starts[-1] + s)
-                per_shard.append([(k, j, starts[j], sizes[j]) for j in range(len(sizes))])
-            depth = max((len(c) for c in per_shard), default=0)
-            for j in range(depth):  # round robin over the group's shards
-                units.extend(c[j] for c in per_shard if j < len(c))
-        self.units = units
-        self.windows: list[list[int]] = []
-        cur: list[int] = []
-        have = 0
-        for i, u in enumerate(units):
-            cur.append(i)
-            have += u[3]
-            if have >= reader.buffer_tokens:
-                self.windows.append(cur)
-                cur, have = [], 0
-        if cur:
-            self.windows.append(cur)
-        self.starts = [0]
-        for w in self.windows:
-            self.starts.append(self.starts[-1] + sum(units[i][3] for i in w))
-        self.n_tokens = self.starts[-1]
-
-    def window_at(self, offset: int) -> int:
-        """Index of the window holding epoch position ``offset`` (< n_tokens)."""
-        lo, hi = 0, len(self.windows) - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.starts[mid] <= offset:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
 
 
 class CacheReader:
@@ -256,10 +159,10 @@ class CacheReader:
         self.chunk_sizes = [s.chunk_sizes() for s in self.manifest.shards]
         typical = max((c[0] for c in self.chunk_sizes if c), default=1)
         self.group_shards = max(1, math.ceil(self.buffer_tokens / typical))
-        self._epochs: dict[int, _Epoch] = {}
+        self._epochs: dict[int, EpochPlan] = {}
         self._plan_lock = threading.Lock()
         self._pos = (0, 0)  # (epoch, tokens consumed in it) after the last batch handed out
-        self._worker: _Worker | None = None
+        self._worker: Prefetcher | None = None
         self._shards: OrderedDict[int, tuple[ShardView, Any]] = OrderedDict()
         self._shards_lock = threading.Lock()
         self._stats_lock = threading.Lock()
@@ -287,12 +190,15 @@ class CacheReader:
                 f"{self.world_size}: regenerate with smaller shards or use partition=False"
             )
 
-    def epoch_plan(self, epoch: int) -> _Epoch:
+    def epoch_plan(self, epoch: int) -> EpochPlan:
         with self._plan_lock:  # the worker plans ahead while the caller may ask too
             if epoch not in self._epochs:
                 if len(self._epochs) > 3:
                     self._epochs.pop(min(self._epochs))
-                self._epochs[epoch] = _Epoch(self, epoch)
+                self._epochs[epoch] = EpochPlan(
+                    self.chunk_sizes, epoch, shuffle=self.shuffle, seed=self.seed,
+                    partition=self.partition, rank=self.rank, world_size=self.world_size,
+                    group_shards=self.group_shards, buffer_tokens=self.buffer_tokens)
             return self._epochs[epoch]
 
     def epoch_tokens(self, epoch: int = 0) -> int:
@@ -365,7 +271,7 @@ class CacheReader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         while True:
             if self._worker is None:
-                self._worker = _Worker(self, self._pos)
+                self._worker = Prefetcher(self, self._pos)
             item = self._worker.get()
             kind = item[0]
             if kind == "batch":
@@ -471,7 +377,7 @@ class CacheReader:
         view.decode_chunk_into(decoder, arrays, out_x, out_y)
         self._count(tokens_decoded=n)
 
-    def _decode_window(self, plan: _Epoch, epoch: int, w: int, pool: ThreadPoolExecutor | None,
+    def _decode_window(self, plan: EpochPlan, epoch: int, w: int, pool: ThreadPoolExecutor | None,
                        stop: threading.Event | None = None,
                        bufs: tuple[Tensor, Tensor] | None = None
                        ) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, Tensor]]:
@@ -500,7 +406,7 @@ class CacheReader:
             list(pool.map(load, jobs))
         perm = None
         if self.shuffle:
-            g = torch.Generator().manual_seed(_seed_for(self.seed, epoch, self.rank, w, 1))
+            g = torch.Generator().manual_seed(seed_for(self.seed, epoch, self.rank, w, 1))
             perm = torch.randperm(n, generator=g).to(self.decode_device)
         return x, y, perm, bufs
 
@@ -511,145 +417,3 @@ class CacheReader:
         n = max(n, self.buffer_tokens + biggest - 1)
         return (torch.empty(n, m.n_layers, m.d_model, device=self.decode_device),
                 torch.empty(n, m.n_layers, m.d_model, device=self.decode_device))
-
-
-class _Worker:
-    """Background thread producing ("batch", x, y, pos_after) items from a start position.
-
-    The next window is decoded (by the decode threads) while batches of the current one are
-    cut, so a consumer faster than one window's decode never waits at window boundaries.
-    """
-
-    def __init__(self, reader: CacheReader, pos: tuple[int, int]) -> None:
-        self.reader = reader
-        self.q: queue.Queue = queue.Queue(maxsize=reader.prefetch)
-        self._stop = threading.Event()
-        self.pool = ThreadPoolExecutor(reader.decode_threads, thread_name_prefix="clt-decode",
-                                       initializer=_single_threaded_torch)
-        self.ahead = ThreadPoolExecutor(1, thread_name_prefix="clt-window",
-                                        initializer=_single_threaded_torch)
-        self.free: list[tuple[Tensor, Tensor]] = []  # window buffers not in use
-        self._thread = threading.Thread(target=self._run, args=(pos,), daemon=True,
-                                        name="clt-cache-reader")
-        self._thread.start()
-
-    def get(self) -> tuple:
-        while True:
-            try:
-                return self.q.get(timeout=0.5)
-            except queue.Empty:
-                if not self._thread.is_alive() and self.q.empty():
-                    return ("error", CacheError("cache reader thread stopped unexpectedly"))
-
-    def stop(self) -> None:
-        self._stop.set()
-        while self._thread.is_alive():
-            try:  # unblock a put()
-                self.q.get_nowait()
-            except queue.Empty:
-                pass
-            self._thread.join(timeout=0.05)
-        self.ahead.shutdown(wait=True, cancel_futures=True)
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def _put(self, item: tuple) -> bool:
-        while not self._stop.is_set():
-            try:
-                self.q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, pos: tuple[int, int]) -> None:
-        _single_threaded_torch()
-        try:
-            self._produce(pos)
-        except BaseException as e:  # hand every failure to the consumer
-            self._put(("error", e))
-
-    def _next_window(self, e: int, w: int) -> tuple[int, int] | None:
-        r = self.reader
-        if w + 1 < len(r.epoch_plan(e).windows):
-            return e, w + 1
-        return (e + 1, 0) if r.epoch_plan(e + 1).n_tokens else None
-
-    def _submit(self, e: int, w: int) -> Future:
-        r = self.reader
-        bufs = self.free.pop() if self.free else None  # (producer thread only)
-        return self.ahead.submit(r._decode_window, r.epoch_plan(e), e, w, self.pool,
-                                 self._stop, bufs)
-
-    def _window(self, e: int, w: int, pending: dict[tuple[int, int], Future]) -> tuple:
-        fut = pending.pop((e, w), None)
-        for stale in pending.values():
-            stale.cancel()
-        pending.clear()
-        if fut is None:
-            fut = self._submit(e, w)
-        nxt = self._next_window(e, w)
-        win = fut.result()
-        if nxt is not None and not self._stop.is_set():
-            pending[nxt] = self._submit(*nxt)
-        return win
-
-    def _produce(self, pos: tuple[int, int]) -> None:
-        r = self.reader
-        epoch, offset = pos
-        loaded: tuple[int, int] | None = None  # (epoch, window) in `win`
-        win: tuple | None = None  # (x, y, perm, buffers)
-        pending: dict[tuple[int, int], Future] = {}
-        pin = r.device.type == "cuda" and r.decode_device.type == "cpu"
-        while not self._stop.is_set():
-            plan = r.epoch_plan(epoch)
-            if plan.n_tokens == 0:
-                raise CacheError(f"cache {r.store}: rank {r.rank} has no tokens in epoch {epoch}")
-            if offset >= plan.n_tokens:
-                epoch, offset = epoch + 1, 0
-                if not r.loop:
-                    if not self._put(("epoch_end", (epoch, 0))):
-                        return
-                continue
-            parts_x, parts_y = [], []
-            need = r.batch_size
-            e, o = epoch, offset
-            while need > 0:
-                p = r.epoch_plan(e)
-                if o >= p.n_tokens:
-                    if not r.loop:
-                        break
-                    e, o = e + 1, 0
-                    continue
-                w = p.window_at(o)
-                if loaded != (e, w):
-                    if win is not None:  # batches hold copies: its buffers can be reused
-                        self.free.append(win[3])
-                    win = None
-                    win = self._window(e, w, pending)
-                    loaded = (e, w)
-                wx, wy, perm, _ = win
-                lo = o - p.starts[w]
-                take = min(need, wx.shape[0] - lo)
-                if perm is None:
-                    parts_x.append(wx[lo : lo + take].clone())
-                    parts_y.append(wy[lo : lo + take].clone())
-                else:
-                    idx = perm[lo : lo + take]
-                    parts_x.append(wx.index_select(0, idx))
-                    parts_y.append(wy.index_select(0, idx))
-                o += take
-                need -= take
-            if need > 0 and r.drop_last:
-                epoch, offset = e, o
-                continue
-            # parts are copies (index_select, clone): window buffers get reused
-            x = parts_x[0] if len(parts_x) == 1 else torch.cat(parts_x)
-            y = parts_y[0] if len(parts_y) == 1 else torch.cat(parts_y)
-            if x.device != r.device:
-                if pin:
-                    x, y = x.pin_memory(), y.pin_memory()
-                x = x.to(r.device, non_blocking=pin)
-                y = y.to(r.device, non_blocking=pin)
-            epoch, offset = e, o
-            if not self._put(("batch", x, y, (epoch, offset))):
-                return

@@ -24,15 +24,9 @@ from torch import Tensor
 
 from clt_lens.activations import HookSpec
 from clt_lens.cache.codecs import Codec, make_codec
-from clt_lens.cache.format import (
-    SHARD_SUFFIX,
-    CacheError,
-    CacheManifest,
-    ShardEntry,
-    encode_shard,
-    shard_entry,
-    write_manifest,
-)
+from clt_lens.cache.errors import CacheError
+from clt_lens.cache.manifest import CacheManifest, ShardEntry, shard_entry, write_manifest
+from clt_lens.cache.shard import SHARD_SUFFIX, encode_shard
 from clt_lens.cache.storage import Store, as_store
 
 CONFIG_NAME = "cache_config.json"

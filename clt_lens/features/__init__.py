@@ -15,7 +15,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "FeaturesConfig": "clt_lens.features.stats",
+    "FeaturesConfig": "clt_lens.features.config",
     "compute_feature_stats": "clt_lens.features.stats",
     "load_clt": "clt_lens.clt.loading",
     "read_manifest": "clt_lens.features.format",

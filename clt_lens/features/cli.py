@@ -18,7 +18,8 @@ from pathlib import Path
 
 from clt_lens.config import load_config
 from clt_lens.errors import InputError
-from clt_lens.features.stats import FeaturesConfig, run_features
+from clt_lens.features.config import FeaturesConfig
+from clt_lens.features.stats import run_features
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clt_lens.features.stats import FeatureAccumulator, FeaturesConfig
+from clt_lens.features.accumulator import FeatureAccumulator
+from clt_lens.features.config import FeaturesConfig
 
 
 class ExampleTokens:
