@@ -16,9 +16,9 @@ from typing import Any, Literal
 from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
 from sae_lens.util import filter_valid_dataclass_fields
 
+from clt_lens.clt.activations import ACTIVATIONS, ActivationName, get_activation
 from clt_lens.config import ConfigError
 
-ACTIVATIONS = ("jumprelu", "relu", "topk", "batchtopk")
 SPARSITY_PENALTIES = ("tanh", "l1")
 DECODE_MODES = ("auto", "sparse", "dense")
 DEFAULT_INPUT_HOOK = "ln2.hook_normalized"
@@ -48,7 +48,7 @@ class CLTConfig(SAEConfig):
 
     n_layers: int
     apply_b_dec_to_input: bool = False
-    activation: Literal["jumprelu", "relu", "topk", "batchtopk"] = "jumprelu"
+    activation: ActivationName = "jumprelu"  # a variant of clt_lens.clt.activations
     k: int = 32
     cross_layer: bool = True
     skip: bool = False
@@ -113,11 +113,7 @@ class CLTConfig(SAEConfig):
                 "CLTConfig.normalize_activations must be 'none': the CLT keeps its own per-layer "
                 "scales (buffers input_scale/output_scale, see estimate_normalization)"
             )
-        if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
-            raise ConfigError(
-                f"CLTConfig.k must be in [1, d_sae={self.d_sae}] for activation "
-                f"'{self.activation}', got {self.k}"
-            )
+        get_activation(self.activation).validate(self)
         if self.auxk is not None and self.auxk <= 0:
             raise ConfigError(f"CLTConfig.auxk must be positive or None, got {self.auxk}")
         for name in ("jumprelu_init_threshold", "jumprelu_bandwidth", "tanh_scale"):
