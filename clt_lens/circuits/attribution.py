@@ -30,6 +30,7 @@ from clt_lens.circuits.export import default_scan, write_circuit_tracer_set
 from clt_lens.circuits.graph_json import add_clerps, feature_nodes, fix_error_node_ids
 from clt_lens.circuits.loading import clt_summary, is_transcoder_set_dir, load_clt, load_transcoders
 from clt_lens.circuits.replacement import build_replacement_model, check_family, is_model_hook
+from clt_lens.clt.activations import REGISTRY as ACTIVATION_REGISTRY
 from clt_lens.fsutil import atomic_path
 
 OFFLOAD_CHOICES = (None, "cpu", "disk")
@@ -218,9 +219,11 @@ def _check_fit(summary: dict[str, Any], model: Any, what: str) -> None:
             f"{what} has width d_in={summary['d_model']} but model {cfg.model_name!r} has "
             f"d_model={cfg.d_model}"
         )
-    if summary.get("activation") == "topk":
+    name = summary.get("activation")  # None: a circuit-tracer set
+    act = ACTIVATION_REGISTRY.get(name) if isinstance(name, str) else None
+    if act is not None and act.circuit_tracer_activation is None:
         raise CircuitsError(
-            f"{what} uses TopK, which circuit-tracer cannot run; convert it with "
+            f"{what} uses {act.label}, which circuit-tracer cannot run; convert it with "
             "clt_lens.clt.convert_topk_to_jumprelu first"
         )
     if summary.get("cross_layer") and summary.get("skip"):

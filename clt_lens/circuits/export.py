@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from clt_lens.circuits.errors import CircuitsError
 from clt_lens.circuits.loading import CONFIG_YAML, load_clt, read_clt_config, resolve_checkpoint_dir
+from clt_lens.clt.activations import get_activation
 from clt_lens.clt.storage import WEIGHTS_STEM, TensorReader
 
 Layout = Literal["auto", "cross_layer", "per_layer"]
@@ -57,11 +58,15 @@ def resolve_layout(clt: Any, layout: Layout = "auto") -> Literal["cross_layer", 
     if layout not in LAYOUTS:
         raise CircuitsError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
     cfg = getattr(clt, "cfg", clt)
-    if cfg.activation == "topk":
+    act = get_activation(cfg.activation)
+    if act.circuit_tracer_activation is None:
+        hint = (
+            " Convert it first with clt_lens.clt.convert_topk_to_jumprelu(clt, x_sample)"
+            if act.converts_to_jumprelu else ""
+        )
         raise CircuitsError(
-            "a TopK CLT cannot be exported: circuit-tracer 0.5.0 runs only ReLU and JumpReLU "
-            "transcoders. Convert it first with "
-            "clt_lens.clt.convert_topk_to_jumprelu(clt, x_sample)"
+            f"a {act.label} CLT cannot be exported: circuit-tracer 0.5.0 "
+            f"runs only ReLU and JumpReLU transcoders.{hint}"
         )
     resolved = layout
     if layout == "auto":
@@ -96,11 +101,7 @@ class _Weights:
         s_in, s_out = self.s_in, self.s_out
         w_dec = self.whole(f"W_dec.{i}")  # [F, n_targets, d]
         targets = torch.arange(i, i + w_dec.shape[1], device=s_out.device)
-        threshold = None
-        if cfg.activation == "jumprelu":
-            threshold = self.layer("log_threshold", i).exp()
-        elif cfg.activation == "batchtopk":
-            threshold = self.whole("topk_threshold")[i].clamp(min=0).expand(cfg.d_sae)
+        threshold = get_activation(cfg.activation).export_threshold(self, cfg, i)
         return {
             "W_enc": self.layer("W_enc", i) * s_in[i],  # [d, F]
             "b_enc": self.layer("b_enc", i),
@@ -207,7 +208,7 @@ def write_circuit_tracer_set(
             "n_layers": cfg.n_layers,
             "d_model": cfg.d_in,
             "d_transcoder": cfg.d_sae,
-            "activation": "jumprelu" if cfg.activation in ("jumprelu", "batchtopk") else "relu",
+            "activation": get_activation(cfg.activation).circuit_tracer_activation,
             "source_activation": cfg.activation,
             "cross_layer": cfg.cross_layer,
             "skip": cfg.skip,

@@ -34,9 +34,11 @@ def random_clt(
     tokens of the packaged Shakespeare corpus, or random tokens if it cannot be read)."""
     from clt_lens.activations import collect_activations
     from clt_lens.clt import CLTConfig, CrossLayerTranscoder
+    from clt_lens.clt.activations import REGISTRY
 
-    if activation not in ("jumprelu", "relu"):
-        raise InputError(f"activation must be 'jumprelu' or 'relu', got {activation!r}")
+    calibratable = [name for name, act in REGISTRY.items() if act.has_firing_level]
+    if activation not in calibratable:
+        raise InputError(f"activation must be one of {calibratable}, got {activation!r}")
     if not 0 < frac_active < 1:
         raise InputError(f"frac_active must be in (0, 1), got {frac_active}")
     cfg_m = model.cfg
@@ -61,10 +63,7 @@ def random_clt(
     pre = clt.preacts_lbf(clt.normalize_inputs(x))  # [L, N, F]
     # midpoint: a threshold never equals a calibration pre-activation exactly
     q = torch.quantile(pre, 1 - frac_active, dim=1, interpolation="midpoint")
-    if activation == "jumprelu":
-        clt.log_threshold.copy_(q.clamp(min=1e-3).log())
-    else:
-        clt.b_enc.sub_(q.clamp(min=0))
+    clt.act.set_firing_level_(clt, q)
     if fit_decoder:
         _fit_decoder(clt, x, y)
     return clt.eval()

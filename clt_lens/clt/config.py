@@ -16,9 +16,9 @@ from typing import Any, Literal
 from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
 from sae_lens.util import filter_valid_dataclass_fields
 
+from clt_lens.clt.activations import ACTIVATIONS, ActivationName, get_activation
 from clt_lens.config import ConfigError
 
-ACTIVATIONS = ("jumprelu", "relu", "topk", "batchtopk")
 SPARSITY_PENALTIES = ("tanh", "l1")
 DECODE_MODES = ("auto", "sparse", "dense")
 DEFAULT_INPUT_HOOK = "ln2.hook_normalized"
@@ -47,7 +47,7 @@ class CLTSpec:
     """
 
     d_sae: int = 1024  # features per layer
-    activation: Literal["jumprelu", "relu", "topk", "batchtopk"] = "jumprelu"
+    activation: ActivationName = "jumprelu"  # a variant of clt_lens.clt.activations
     k: int = 32  # topk / batchtopk: active features per token per layer
     cross_layer: bool = True  # False: per-layer transcoders (PLT)
     skip: bool = False  # add a linear skip connection per layer
@@ -91,11 +91,7 @@ class CLTSpec:
         _check_choice(label, "activation", self.activation, ACTIVATIONS)
         _check_choice(label, "sparsity_penalty", self.sparsity_penalty, SPARSITY_PENALTIES)
         _check_choice(label, "decode", self.decode, DECODE_MODES)
-        if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
-            raise ConfigError(
-                f"{label}.k must be in [1, d_sae={self.d_sae}] for activation "
-                f"'{self.activation}', got {self.k}"
-            )
+        get_activation(self.activation).validate(self)
         if self.auxk is not None and self.auxk <= 0:
             raise ConfigError(f"{label}.auxk must be positive or None, got {self.auxk}")
         for name in ("jumprelu_init_threshold", "jumprelu_bandwidth", "tanh_scale"):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from clt_lens.clt.activation_fns import topk_indices
+from clt_lens.clt.activations import REGISTRY
 from clt_lens.clt.model import CrossLayerTranscoder
 from clt_lens.errors import InputError
 
@@ -38,15 +38,15 @@ def convert_topk_to_jumprelu(
 
     ``x_sample`` are raw inputs [N, L, d]. All other weights are copied unchanged.
     """
-    if clt.cfg.activation not in ("topk", "batchtopk"):
-        raise InputError(
-            f"convert_topk_to_jumprelu needs a topk/batchtopk CLT, got '{clt.cfg.activation}'"
-        )
+    act = clt.act
+    if not act.converts_to_jumprelu:
+        names = "/".join(name for name, a in REGISTRY.items() if a.converts_to_jumprelu)
+        raise InputError(f"convert_topk_to_jumprelu needs a {names} CLT, got '{act.name}'")
     clt.check_activations(x_sample, "x_sample")
     n_tokens = x_sample.shape[0]
     k = clt.cfg.k
     if per_feature:
-        theta = _per_feature_thresholds(clt, x_sample, k, batch_size)
+        theta = _per_feature_thresholds(clt, x_sample, batch_size)
     else:
         theta = _per_layer_thresholds(clt, x_sample, k * n_tokens, batch_size)
     theta = theta.clamp(min=_MIN_THRESHOLD)
@@ -57,7 +57,7 @@ def convert_topk_to_jumprelu(
     new_cfg.device = str(clt.W_enc.device)
     new_cfg.metadata.converted_from = clt.cfg.activation
     new = CrossLayerTranscoder(new_cfg)
-    state = {k_: v for k_, v in clt.state_dict().items() if k_ != "topk_threshold"}
+    state = {k_: v for k_, v in clt.state_dict().items() if k_ not in act.state_names}
     state["log_threshold"] = theta.log().to(clt.dtype)
     new.load_state_dict(state, strict=True)
     return new
@@ -87,23 +87,17 @@ def _per_layer_thresholds(
 
 
 def _per_feature_thresholds(
-    clt: CrossLayerTranscoder, x: Tensor, k: int, batch_size: int
+    clt: CrossLayerTranscoder, x: Tensor, batch_size: int
 ) -> Tensor:
     """[L, F]: each feature fires on the sample as often as it was in a token's top-k."""
-    pres = []
-    counts = torch.zeros(clt.n_layers, clt.n_features, dtype=torch.int64, device=clt.W_enc.device)
-    for chunk in _chunks(x, batch_size, "topk->jumprelu thresholds"):
-        pre = clt.preacts_lbf(clt.normalize_inputs(chunk.to(clt.W_enc.device)))
-        if clt.cfg.activation == "topk":
-            idx = topk_indices(pre, k)
-            sel = torch.zeros_like(pre, dtype=torch.bool).scatter(-1, idx, True) & (pre > 0)
-            counts += sel.sum(dim=1)
-        pres.append(pre)
+    pres = [
+        clt.preacts_lbf(clt.normalize_inputs(chunk.to(clt.W_enc.device)))
+        for chunk in _chunks(x, batch_size, "topk->jumprelu thresholds")
+    ]
     pre_all = torch.cat(pres, dim=1)  # [L, N, F]
-    if clt.cfg.activation == "batchtopk":
-        # the whole sample as one batch: k * N winners per layer
-        layer_theta = _per_layer_thresholds(clt, x, k * x.shape[0], batch_size)
-        counts = (pre_all > layer_theta.unsqueeze(1)).sum(dim=1)
+    counts = clt.act.sample_win_counts(
+        clt, pres, pre_all, lambda n_keep: _per_layer_thresholds(clt, x, n_keep, batch_size)
+    )
     n_tokens = pre_all.shape[1]
     ordered = pre_all.sort(dim=1, descending=True).values  # [L, N, F]
     c = counts.clamp(max=n_tokens - 1)

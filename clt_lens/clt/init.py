@@ -76,6 +76,5 @@ def init_clt_(clt, *, seed: int, feature_start: int = 0, total_features: int | N
     clt.b_dec.zero_()
     if cfg.skip:
         clt.W_skip.zero_()
-    if cfg.activation == "jumprelu":
-        clt.log_threshold.fill_(math.log(cfg.jumprelu_init_threshold))
+    clt.act.reset_state_(clt)
     return clt

@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens import SAE
+from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 
+from clt_lens.activations import HookSpec, validate_hooks
+from clt_lens.clt.model import CrossLayerTranscoder
 from clt_lens.clt.storage import SHARD_INDEX, is_sharded, sharded_disk_loader
 from clt_lens.errors import CLTLensError, MissingFileError
+from clt_lens.models import model_id
 
 
 class CheckpointError(CLTLensError, ValueError):
@@ -69,9 +74,11 @@ def read_clt_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_clt(clt_or_path: Any, *, device: str | torch.device = "cpu") -> Any:
-    """A ``CrossLayerTranscoder``: returned as is, or loaded from a checkpoint path."""
-    from clt_lens.clt import CrossLayerTranscoder  # importing registers "clt" with SAELens
+    """A ``CrossLayerTranscoder``: returned as is, or loaded from a checkpoint path.
 
+    "clt" is registered with SAELens by ``clt_lens.clt``'s ``__init__``, which Python runs
+    before this module.
+    """
     if isinstance(clt_or_path, CrossLayerTranscoder):
         return clt_or_path
     if not isinstance(clt_or_path, str | Path):
@@ -80,9 +87,6 @@ def load_clt(clt_or_path: Any, *, device: str | torch.device = "cpu") -> Any:
             f"{type(clt_or_path).__name__}"
         )
     read_clt_config(clt_or_path)
-    from sae_lens import SAE
-    from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
-
     ckpt = resolve_checkpoint_dir(clt_or_path)
     converter = sharded_disk_loader if is_sharded(ckpt) else sae_lens_disk_loader
     clt = SAE.load_from_disk(str(ckpt), device=str(device), converter=converter)
@@ -93,8 +97,6 @@ def load_clt(clt_or_path: Any, *, device: str | torch.device = "cpu") -> Any:
 
 def clt_summary(clt_or_path: Any) -> dict[str, Any]:
     """Sizes, hooks and activation of a CLT object or checkpoint, read without loading weights."""
-    from clt_lens.clt import CrossLayerTranscoder
-
     if isinstance(clt_or_path, CrossLayerTranscoder):
         cfg = clt_or_path.cfg
         return {
@@ -128,8 +130,6 @@ def clt_summary(clt_or_path: Any) -> dict[str, Any]:
 def check_compatible(clt: Any, model: Any, model_name: str | None = None) -> None:
     """Raise ``CheckpointError`` unless ``clt`` was made for ``model``: layers, width, hook
     names, the model's content id recorded at training and, if given, the model's name."""
-    from clt_lens.activations import HookSpec, validate_hooks
-
     L, d = model.cfg.n_layers, model.cfg.d_model
     if clt.cfg.n_layers != L or clt.cfg.d_in != d:
         raise CheckpointError(
@@ -140,8 +140,6 @@ def check_compatible(clt: Any, model: Any, model_name: str | None = None) -> Non
     meta = getattr(clt.cfg, "metadata", None)
     want = getattr(meta, "model_id", None)
     if want:
-        from clt_lens.models import model_id
-
         have = model_id(model)
         if have != want:
             raise CheckpointError(

@@ -26,12 +26,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from clt_lens.clt.activation_fns import (
-    batch_topk_flat_indices,
-    jumprelu,
-    jumprelu_support_threshold,
-    topk_indices,
-)
 from clt_lens.clt.comm import FeatureComm, kth_largest
 from clt_lens.clt.sparse import (
     Support,
@@ -42,8 +36,11 @@ from clt_lens.clt.sparse import (
 )
 from clt_lens.errors import InputError
 
-if TYPE_CHECKING:
-    from clt_lens.clt.model import CrossLayerTranscoder, ReduceFn
+if TYPE_CHECKING:  # annotations only: the model imports this module
+    from clt_lens.clt.model import CrossLayerTranscoder
+
+# Maps a partial reconstruction [B, L, d] to the full one (e.g. an all-reduce over feature shards).
+ReduceFn = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -129,11 +126,8 @@ def training_forward(
     zero = mse.new_zeros(())
     dead_pre = None
     has_dead = dead_mask is not None and bool(dead_mask.any())
-    wants_auxk = (
-        (cfg.activation in ("topk", "batchtopk") or (cfg.activation == "jumprelu"
-                                                     and cfg.auxk_jumprelu))
-        and auxk_coeff > 0 and dead_mask is not None
-    )
+    act = clt.act
+    wants_auxk = act.uses_auxk(cfg) and auxk_coeff > 0 and dead_mask is not None
     if has_dead and (preact_coeff > 0 or wants_auxk):
         dead_pre = _dead_preacts(clt, x_lbd, dead_mask)
     if dead_pre is not None and preact_coeff > 0:
@@ -152,8 +146,8 @@ def training_forward(
     with torch.no_grad():
         centred = y_n - y_n.mean(0, keepdim=True)
         fvu = err.pow(2).sum(dim=(0, 2)) / centred.pow(2).sum(dim=(0, 2)).clamp(min=1e-12)
-        if cfg.activation == "batchtopk" and clt.training:
-            _update_topk_threshold(clt, comm.all_reduce_(step.min_positive, "min"))
+        if act.running_threshold and clt.training:
+            act.update_running_threshold_(clt, comm.all_reduce_(step.min_positive, "min"))
 
     return CLTStepOutput(
         loss=loss,
@@ -179,21 +173,22 @@ class _Decoded:
     fired: Tensor  # bool [L, F]
     density: float  # support density (dense path: active density)
     acts_fn: Callable[[], Tensor]  # -> detached [B, L, F]
-    min_positive: Tensor | None  # [L] smallest positive activation (BatchTopK only)
+    min_positive: Tensor | None  # [L] smallest positive activation (running thresholds only)
 
 
 def _sparse_step(
     clt: CrossLayerTranscoder, x_lbd: Tensor, theta: Tensor | None, comm: FeatureComm
 ) -> _Decoded:
-    cfg = clt.cfg
+    cfg, act = clt.cfg, clt.act
     n_layers, batch, n_feat = clt.n_layers, x_lbd.shape[1], clt.n_features
     with torch.no_grad():
         # without the bias: JumpReLU moves it into the support test, saving a pass over [L,B,F]
         pre_nobias = torch.bmm(x_lbd, clt.W_enc)
-        support = _select_support(clt, pre_nobias, theta, comm)
+        bias = clt.b_enc.detach().to(pre_nobias.dtype).unsqueeze(1)
+        support = act.training_support(clt, pre_nobias, bias, theta, comm)
     pre_s = encoder_grad_gather(support, pre_nobias, x_lbd, clt.W_enc, clt.b_enc)
     del pre_nobias
-    acts_s = _activate_values(clt, pre_s, theta, support)
+    acts_s = act.activate_support(clt, pre_s, theta, support)
     partial, w_norm = sparse_decode_with_norms(support, acts_s, list(clt.W_dec))
     penalty = _penalty(cfg, acts_s, w_norm.reshape(-1)[support.lf])
     acts_detached = acts_s.detach()
@@ -204,7 +199,7 @@ def _sparse_step(
         fired = torch.zeros(n_layers * n_feat, dtype=torch.bool, device=x_lbd.device)
         fired[support.lf[active]] = True
         min_positive = None
-        if cfg.activation == "batchtopk":
+        if act.running_threshold:
             positive = torch.where(active, acts_detached, torch.inf)
             min_positive = torch.full(
                 (n_layers,), torch.inf, dtype=positive.dtype, device=positive.device
@@ -224,10 +219,10 @@ def _sparse_step(
 def _dense_step(
     clt: CrossLayerTranscoder, x_lbd: Tensor, theta: Tensor | None, comm: FeatureComm
 ) -> _Decoded:
-    cfg = clt.cfg
+    cfg, act = clt.cfg, clt.act
     batch = x_lbd.shape[1]
     pre = clt.preacts_lbf(x_lbd)
-    acts = _activate_dense(clt, pre, theta, comm)
+    acts = act.activate_dense(clt, pre, theta, comm)
     partial, w_norm = dense_decode_with_norms(acts, list(clt.W_dec))
     penalty = _penalty(cfg, acts, w_norm.unsqueeze(1))
     acts_detached = acts.detach()
@@ -235,7 +230,7 @@ def _dense_step(
         active = acts_detached > 0
         l0 = active.sum(dim=(1, 2)).to(x_lbd.dtype) / batch
         min_positive = None
-        if cfg.activation == "batchtopk":
+        if act.running_threshold:
             min_positive = torch.where(active, acts_detached, torch.inf).amin(dim=(1, 2))
     density = float(l0.sum()) / (clt.n_layers * clt.n_features)
     return _Decoded(
@@ -246,78 +241,10 @@ def _dense_step(
 
 def _choose_sparse(clt: CrossLayerTranscoder, batch: int, comm: FeatureComm) -> bool:
     """(Batch)TopK know their density; threshold rules use the previous step's."""
-    cfg = clt.cfg
-    density = clt._density_hint
-    if cfg.activation in ("topk", "batchtopk"):
-        density = cfg.k / (cfg.d_sae * comm.size)
+    density = clt.act.known_density(clt.cfg, comm.size)
+    if density is None:
+        density = clt._density_hint
     return clt.use_sparse(batch * clt.n_layers * clt.n_features, density)
-
-
-def _global_topk_mask(clt: CrossLayerTranscoder, pre: Tensor, comm: FeatureComm) -> Tensor:
-    """Where a feature slice's pre-activations [L, B, F/R] are in the top k over all R slices:
-    per token (TopK) or per layer over the batch (BatchTopK). Equal to one process's selection
-    up to ties at the k-th value."""
-    n_layers, batch, n_features = pre.shape
-    if clt.cfg.activation == "topk":
-        return pre >= kth_largest(pre, clt.cfg.k, comm).unsqueeze(-1)
-    flat = pre.reshape(n_layers, batch * n_features)
-    return pre >= kth_largest(flat, clt.cfg.k * batch, comm).view(n_layers, 1, 1)
-
-
-def _select_support(
-    clt: CrossLayerTranscoder, pre_nobias: Tensor, theta: Tensor | None, comm: FeatureComm
-) -> Support:
-    """Support of the training activation, from pre-activations without ``b_enc`` (no grad)."""
-    cfg = clt.cfg
-    n_layers, batch, n_features = pre_nobias.shape
-    bias = clt.b_enc.detach().to(pre_nobias.dtype).unsqueeze(1)
-    if cfg.activation == "jumprelu":
-        lower = jumprelu_support_threshold(theta.detach(), cfg.jumprelu_bandwidth)
-        lower = lower.to(bias.dtype).unsqueeze(1)
-        # a few ulps of slack for the moved bias: the support must stay a superset of the
-        # positions the kernel keeps once the values are rounded as pre + b
-        slack = 4 * torch.finfo(bias.dtype).eps * (lower.abs() + bias.abs())
-        return Support.from_mask(pre_nobias > lower - bias - slack)
-    pre = pre_nobias + bias
-    if cfg.activation == "relu":
-        return Support.from_mask(pre > 0)
-    if comm.size > 1:
-        return Support.from_mask(_global_topk_mask(clt, pre, comm))
-    if cfg.activation == "topk":
-        return Support.from_row_indices(topk_indices(pre, cfg.k), n_features)
-    idx = batch_topk_flat_indices(pre, cfg.k)
-    return Support.from_layer_indices(idx, batch, n_features)
-
-
-def _activate_values(
-    clt: CrossLayerTranscoder, pre_s: Tensor, theta: Tensor | None, support: Support
-) -> Tensor:
-    cfg = clt.cfg
-    if cfg.activation == "jumprelu":
-        theta_s = theta.reshape(-1)[support.lf]
-        return jumprelu(pre_s, theta_s, cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input)
-    # ReLU support is pre > 0 already; (Batch)TopK keeps relu of the selected values
-    return pre_s.relu()
-
-
-def _activate_dense(
-    clt: CrossLayerTranscoder, pre: Tensor, theta: Tensor | None, comm: FeatureComm
-) -> Tensor:
-    cfg = clt.cfg
-    if cfg.activation == "jumprelu":
-        return jumprelu(pre, theta.unsqueeze(1), cfg.jumprelu_bandwidth, cfg.jumprelu_ste_to_input)
-    if cfg.activation == "relu":
-        return pre.relu()
-    if comm.size > 1:
-        return (pre * _global_topk_mask(clt, pre.detach(), comm)).relu()
-    n_layers, batch, n_features = pre.shape
-    if cfg.activation == "topk":
-        idx = topk_indices(pre.detach(), cfg.k)
-        return torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx).relu())
-    idx = batch_topk_flat_indices(pre.detach(), cfg.k)
-    flat = pre.reshape(n_layers, batch * n_features)
-    out = torch.zeros_like(flat).scatter(-1, idx, flat.gather(-1, idx).relu())
-    return out.view(n_layers, batch, n_features)
 
 
 def _penalty(cfg: object, acts: Tensor, w_norm: Tensor) -> Tensor:
@@ -418,16 +345,3 @@ def _auxk_loss(
         e_hat = reduce_fn(e_hat)
     scale = min(n_dead / (k_aux * clt.n_layers), 1.0)
     return scale * (e_hat - residual).pow(2).sum(-1).mean(0).sum()
-
-
-def _update_topk_threshold(clt: CrossLayerTranscoder, min_positive: Tensor) -> None:
-    """EMA of each layer's smallest positive kept activation (BatchTopK's inference threshold).
-
-    A layer's first observation replaces the initial zero, so the estimate needs no warm-up.
-    """
-    buf = clt.topk_threshold
-    seen = torch.isfinite(min_positive)
-    new = min_positive.to(buf.dtype)
-    lr = clt.cfg.topk_threshold_lr
-    ema = torch.where(buf > 0, (1 - lr) * buf + lr * new, new)
-    buf.copy_(torch.where(seen, ema, buf))

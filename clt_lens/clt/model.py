@@ -14,19 +14,20 @@ activations are the same numbers in both spaces. ``folded_weights`` gives raw-sp
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from sae_lens.saes.sae import SAE
 from torch import Tensor, nn
 
-from clt_lens.clt.activation_fns import topk_indices
+from clt_lens.clt.activations import Activation, get_activation
+from clt_lens.clt.comm import FeatureComm
 from clt_lens.clt.config import SPARSE_MIN_ELEMENTS, CLTConfig
+from clt_lens.clt.losses import CLTStepOutput, ReduceFn, training_forward
 from clt_lens.clt.sparse import Support, dense_decode, sparse_decode
+from clt_lens.clt.transcoder_view import layer_transcoder
 from clt_lens.errors import InputError
-
-ReduceFn = Callable[[Tensor], Tensor]
 
 
 class CrossLayerTranscoder(SAE[CLTConfig]):
@@ -73,12 +74,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         self.b_dec = nn.Parameter(torch.zeros(n_layers, d, **kw))
         if cfg.skip:
             self.W_skip = nn.Parameter(torch.zeros(n_layers, d, d, **kw))
-        if cfg.activation == "jumprelu":
-            self.log_threshold = nn.Parameter(
-                torch.full((n_layers, n_feat), math.log(cfg.jumprelu_init_threshold), **kw)
-            )
-        if cfg.activation == "batchtopk":
-            self.register_buffer("topk_threshold", torch.zeros(n_layers, **kw))
+        self.act.create_state(self, kw)
         self.register_buffer("input_scale", torch.ones(n_layers, **kw))
         self.register_buffer("output_scale", torch.ones(n_layers, **kw))
 
@@ -96,11 +92,14 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         return self.cfg.d_sae
 
     @property
+    def act(self) -> Activation:
+        """The activation variant (``cfg.activation``'s object in ``clt_lens.clt.activations``)."""
+        return get_activation(self.cfg.activation)
+
+    @property
     def threshold(self) -> Tensor | None:
-        """JumpReLU thresholds [L, F] (normalised space = raw space), else None."""
-        if self.cfg.activation == "jumprelu":
-            return self.log_threshold.exp()
-        return None
+        """Trainable thresholds [L, F] (JumpReLU; normalised space = raw space), else None."""
+        return self.act.threshold(self)
 
     def decoder_norms(self) -> Tensor:
         """[L, F]: each feature's decoder norm over all its target layers (differentiable)."""
@@ -111,12 +110,9 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         return self.decoder_norms().clamp(min=1e-8)
 
     def inference_threshold(self) -> Tensor | None:
-        """[L, F] threshold of the inference rule ``a = pre * (pre > theta)``, if any."""
-        if self.cfg.activation == "jumprelu":
-            return self.threshold
-        if self.cfg.activation == "batchtopk":
-            return self.topk_threshold.unsqueeze(1).expand(self.n_layers, self.n_features)
-        return None
+        """[L, F] threshold of the inference rule ``a = pre * (pre > theta)``, if any
+        (JumpReLU's; BatchTopK's running per-layer one, clamped at 0)."""
+        return self.act.inference_threshold(self)
 
     # Input checks -------------------------------------------------------------------------
     def check_activations(self, x: Tensor, name: str = "x") -> None:
@@ -175,7 +171,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
             raise ValueError("init_b_enc_from_data needs at least 2 tokens")
         n_fire = min(max(math.floor(rate * n_tokens), 1), n_tokens - 1)
         x_lbd = self.normalize_inputs(x_raw)
-        level = self.threshold if self.cfg.activation == "jumprelu" else None
+        level = self.threshold
         for layer in range(self.n_layers):
             pre = x_lbd[layer] @ self.W_enc[layer]  # [B, F]
             top = pre.topk(n_fire + 1, dim=0).values  # descending
@@ -204,22 +200,7 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         JumpReLU and BatchTopK use ``pre * (pre > theta)`` (BatchTopK with its running
         per-layer threshold), so encoding never depends on the rest of the batch.
         """
-        act = self.cfg.activation
-        if act == "relu":
-            return pre.relu()
-        if act == "topk":
-            idx = topk_indices(pre, self.cfg.k)
-            return torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx).relu())
-        theta = self.inference_threshold()
-        assert theta is not None
-        if layer is None:
-            theta = theta.unsqueeze(1)
-        else:
-            theta = theta[layer]
-        if act == "batchtopk":
-            # a zero running threshold (untrained) still means ReLU, not "pass negatives"
-            theta = theta.clamp(min=0)
-        return pre * (pre > theta)
+        return self.act.activate(self, pre, layer)
 
     def encode(self, x: Tensor) -> Tensor:
         """Raw inputs [B, L, d] -> feature activations [B, L, F]."""
@@ -344,11 +325,9 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         auxk_coeff: float | None = None,
         dead_mask: Tensor | None = None,
         reduce_fn: ReduceFn | None = None,
-        comm: Any = None,
-    ) -> Any:
+        comm: FeatureComm | None = None,
+    ) -> CLTStepOutput:
         """One training step's losses (see ``clt_lens.clt.losses.training_forward``)."""
-        from clt_lens.clt.losses import training_forward
-
         return training_forward(
             self,
             x_raw,
@@ -378,8 +357,6 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
             targets = torch.arange(i, i + w.shape[1], device=w.device)
             w_dec.append((w / s_out[targets][None, :, None]).clone())
         theta = self.inference_threshold()
-        if theta is not None and self.cfg.activation == "batchtopk":
-            theta = theta.clamp(min=0)
         return {
             "W_enc": (self.W_enc * s_in[:, None, None]).clone(),
             "b_enc": self.b_enc.detach().clone(),
@@ -393,19 +370,20 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
 
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
-        """Rescale features so every decoder has unit norm (ReLU/JumpReLU only)."""
-        if self.cfg.activation not in ("relu", "jumprelu"):
+        """Rescale features so every decoder has unit norm (not for top-k rules, where the
+        scale decides which features win: ``act.rescalable``)."""
+        act = self.act
+        if not act.rescalable:
             raise InputError(
                 f"fold_W_dec_norm changes which features win a top-k; not valid for "
-                f"activation '{self.cfg.activation}'"
+                f"activation '{act.name}'"
             )
         norms = self.get_W_dec_norm()
         self.W_enc.mul_(norms.unsqueeze(1))
         self.b_enc.mul_(norms)
         for i, w in enumerate(self.W_dec):
             w.div_(norms[i][:, None, None])
-        if self.cfg.activation == "jumprelu":
-            self.log_threshold.add_(norms.log())
+        act.rescale_features_(self, norms)
 
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
         raise NotImplementedError(
@@ -419,7 +397,5 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
                 state_dict[key] = value.contiguous()
 
     def layer_transcoder(self, layer: int) -> Any:
-        """A SAELens transcoder for source layer ``layer`` (see saelens_interop)."""
-        from clt_lens.clt.saelens_interop import layer_transcoder
-
+        """A SAELens transcoder for source layer ``layer`` (see ``transcoder_view``)."""
         return layer_transcoder(self, layer)

@@ -1,32 +1,29 @@
-"""SAELens glue: registration of architecture "clt" and per-layer transcoder views."""
+"""SAELens glue: registration of architecture "clt" (inference and training classes).
+
+``layer_transcoder`` (per-layer SAELens transcoder views) lives in ``transcoder_view`` and is
+re-exported here.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from sae_lens import JumpReLUTranscoder, Transcoder
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import (
-    SAEMetadata,
     TrainCoefficientConfig,
     TrainingSAE,
     TrainStepInput,
     TrainStepOutput,
 )
-from sae_lens.saes.transcoder import (
-    JumpReLUSkipTranscoder,
-    JumpReLUSkipTranscoderConfig,
-    JumpReLUTranscoderConfig,
-    SkipTranscoder,
-    SkipTranscoderConfig,
-    TranscoderConfig,
-)
 from torch import Tensor
 
 from clt_lens.clt.config import CLTConfig, CLTTrainingConfig
 from clt_lens.clt.model import CrossLayerTranscoder
+from clt_lens.clt.transcoder_view import layer_transcoder
 from clt_lens.errors import InputError
+
+__all__ = ["ARCHITECTURE", "TrainingCrossLayerTranscoder", "layer_transcoder", "register"]
 
 ARCHITECTURE = "clt"
 
@@ -116,67 +113,3 @@ def register() -> None:
                 f"{current[0].__module__}.{current[0].__qualname__}"
             )
         registry[ARCHITECTURE] = entry  # type: ignore[assignment]
-
-
-def layer_transcoder(clt: CrossLayerTranscoder, layer: int) -> Transcoder:
-    """SAELens transcoder for source layer ``layer`` of ``clt``, on raw activations.
-
-    Its ``encode`` equals ``clt.encode(x)[:, layer]`` (folded weights, same threshold rule).
-    It carries the source layer's decoder into its *own* layer, ``W_dec[layer][:, 0, :]``, with
-    ``hook_name`` = the input hook and ``hook_name_out`` = the output hook of that layer, plus
-    that layer's ``b_dec`` and skip. So its ``forward`` is the layer's own-layer contribution,
-    not the CLT's reconstruction of that layer's output, which also sums the decoders of
-    earlier sources (the alternative, as circuit-tracer's SAELens loader does, is a transcoder
-    whose decoder sums a feature's decoders over targets: right for activations only).
-
-    JumpReLU and BatchTopK (its running threshold) give a ``JumpReLUTranscoder``, ReLU a
-    ``Transcoder`` (Skip variants when the CLT has a skip). TopK has no per-feature rule: use
-    ``clt_lens.clt.convert_topk_to_jumprelu`` first.
-    """
-    clt._check_layer(layer)
-    act = clt.cfg.activation
-    if act == "topk":
-        raise InputError(
-            "a TopK CLT has no per-layer transcoder view (top-k is not elementwise); convert it "
-            "with clt_lens.clt.convert_topk_to_jumprelu(clt, x_sample) first"
-        )
-    folded = clt.folded_weights()
-    has_threshold = folded["threshold"] is not None
-    skip = clt.cfg.skip
-    cfg_cls, tc_cls = {
-        (False, False): (TranscoderConfig, Transcoder),
-        (False, True): (SkipTranscoderConfig, SkipTranscoder),
-        (True, False): (JumpReLUTranscoderConfig, JumpReLUTranscoder),
-        (True, True): (JumpReLUSkipTranscoderConfig, JumpReLUSkipTranscoder),
-    }[(has_threshold, skip)]
-    md = clt.cfg.metadata
-    metadata = SAEMetadata(
-        model_name=md.model_name,
-        hook_name=clt.cfg.input_hook_name(layer),
-        hook_name_out=clt.cfg.output_hook_name(layer),
-        context_size=md.context_size,
-        prepend_bos=md.prepend_bos,
-        clt_source_layer=layer,
-        clt_decoder="own-layer",
-    )
-    tc_cfg = cfg_cls(
-        d_in=clt.d_model,
-        d_sae=clt.n_features,
-        d_out=clt.d_model,
-        dtype=clt.cfg.dtype,
-        device=str(clt.W_enc.device),
-        apply_b_dec_to_input=False,
-        metadata=metadata,
-    )
-    tc = tc_cls(tc_cfg)
-    with torch.no_grad():
-        tc.W_enc.copy_(folded["W_enc"][layer])
-        tc.b_enc.copy_(folded["b_enc"][layer])
-        tc.W_dec.copy_(folded["W_dec"][layer][:, 0, :])
-        tc.b_dec.copy_(folded["b_dec"][layer])
-        if has_threshold:
-            tc.threshold.copy_(folded["threshold"][layer])
-        if skip:
-            # SAELens applies x @ W_skip.T; ours is x @ W_skip[layer]
-            tc.W_skip.copy_(folded["W_skip"][layer].t())
-    return tc

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens.loading.pretrained_sae_loaders import get_sae_lens_config_from_disk
 from torch import Tensor
 
 from clt_lens.config import ConfigError
@@ -361,8 +362,6 @@ def sharded_disk_loader(
     """A SAELens ``converter`` for checkpoints in either layout:
     ``SAE.load_from_disk(path, converter=sharded_disk_loader)`` assembles a feature-sharded
     checkpoint in one process (the whole CLT in memory; ``clt-lens consolidate`` avoids that)."""
-    from sae_lens.loading.pretrained_sae_loaders import get_sae_lens_config_from_disk
-
     cfg = get_sae_lens_config_from_disk(path, device, cfg_overrides)
     with TensorReader(path, WEIGHTS_STEM) as reader:
         return cfg, {n: reader.read(n).to(device) for n in reader.names()}

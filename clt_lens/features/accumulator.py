@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from clt_lens.clt.activations import get_activation
 from clt_lens.errors import InputError
 from clt_lens.features.heaps import DoublingHistogram, ExamplePool
 
@@ -181,8 +182,7 @@ def preactivation_fn(clt: Any, layers: list[int]) -> tuple[Any, Tensor]:
     """
     n_layers = clt.cfg.n_layers
     sel = None if layers == list(range(n_layers)) else torch.tensor(layers, device=clt.W_enc.device)
-    act = clt.cfg.activation
-    fast = act in ("jumprelu", "relu", "batchtopk") and all(
+    fast = get_activation(clt.cfg.activation).elementwise and all(
         hasattr(clt, name) for name in ("normalize_inputs", "preacts_lbf", "inference_threshold")
     )
     if not fast:
@@ -191,11 +191,9 @@ def preactivation_fn(clt: Any, layers: list[int]) -> tuple[Any, Tensor]:
             return (acts if sel is None else acts.index_select(0, sel)).contiguous()
 
         return dense, torch.zeros(len(layers), clt.cfg.d_sae, device=clt.W_enc.device)
-    theta = clt.inference_threshold()
+    theta = clt.inference_threshold()  # BatchTopK's is clamped at 0, as in encode
     if theta is None:
         theta = torch.zeros(n_layers, clt.cfg.d_sae, device=clt.W_enc.device)
-    elif act == "batchtopk":
-        theta = theta.clamp(min=0)  # as CrossLayerTranscoder.activate
     theta = theta.detach()
     if sel is not None:
         theta = theta.index_select(0, sel)
