@@ -117,3 +117,28 @@ def test_bad_inputs(embedded_model, small_clt, tmp_path: Path):
     with pytest.raises(ValueError, match="empty|no tokens|fewer"):
         evaluate(small_clt, model=embedded_model, dataset=str(empty), split="train",
                  n_tokens=128, progress=False)
+
+
+def test_reconstruction_sums_combine_exactly_over_batches_and_ranks():
+    """One home for the FVU/L0 sums (training steps, held-out checks and eval use it): split
+    over batches, or packed and summed as ranks do, it gives the one-pass numbers."""
+    from clt_lens.evals.running import ReconstructionSums
+
+    g = torch.Generator().manual_seed(0)
+    L, d, F = 3, 8, 16
+    y = torch.randn(100, L, d, generator=g) * torch.tensor([1.0, 5.0, 0.1])[None, :, None] + 2.0
+    y_hat = y + 0.3 * torch.randn(100, L, d, generator=g)
+    acts = torch.relu(torch.randn(100, L, F, generator=g) - 1)
+    whole = ReconstructionSums.zeros(L, d)
+    whole.add_batch(y, y_hat, acts)
+    sst = (y - y.mean(0)).double().pow(2).sum(dim=(0, 2))
+    direct = (y_hat - y).double().pow(2).sum(dim=(0, 2)) / sst
+    torch.testing.assert_close(whole.fvu(), direct)
+    torch.testing.assert_close(whole.l0(), (acts != 0).double().sum(dim=(0, 2)) / 100)
+    parts = [ReconstructionSums.zeros(L, d) for _ in range(2)]
+    for i, (a, b, c) in enumerate(zip(y.split(30), y_hat.split(30), acts.split(30))):
+        parts[i % 2].add_batch(a, b, c)
+    total = ReconstructionSums.from_packed(parts[0].packed() + parts[1].packed(), L, d)
+    torch.testing.assert_close(total.fvu(), whole.fvu())
+    torch.testing.assert_close(total.l0(), whole.l0())
+    torch.testing.assert_close(total.mse(), whole.mse())

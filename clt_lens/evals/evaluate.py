@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from clt_lens.clt.loading import check_compatible, load_clt
 from clt_lens.errors import CLTLensError
 from clt_lens.evals.metrics import CEStats, LayerStats, ce_recovered, kl_div, token_ce
-from clt_lens.training.config import saved_train_config
 
 
 class EvalError(CLTLensError, ValueError):
@@ -41,7 +40,8 @@ def _training_dataset(path: Any) -> str | None:
         Path(path).parent / "train_config.json",
     ):
         if cand.is_file():
-            return saved_train_config(json.loads(cand.read_text())).get("source.dataset")
+            saved = json.loads(cand.read_text())  # a "source" section, or flat (older runs)
+            return saved.get("source", {}).get("dataset", saved.get("dataset"))
     return None
 
 

@@ -7,31 +7,25 @@ from dataclasses import dataclass, field
 import torch
 
 from clt_lens.errors import InputError
+from clt_lens.evals.running import ReconstructionSums
 
 DENSE_THRESHOLD = 0.10  # a feature firing on more than 10% of tokens counts as dense
 
 
 @dataclass
 class LayerStats:
-    """Running sums per layer: squared error, target moments, firing counts."""
+    """Running sums per layer (:class:`ReconstructionSums`) and firing counts per feature."""
 
     n_layers: int
     d_sae: int
     d_model: int
     n_tokens: int = 0
-    sse: torch.Tensor = field(init=False)
-    y_sum: torch.Tensor = field(init=False)
-    y_sq: torch.Tensor = field(init=False)
-    active: torch.Tensor = field(init=False)  # total active (token, feature) pairs per layer
+    sums: ReconstructionSums = field(init=False)
     fire_counts: torch.Tensor = field(init=False)  # per (layer, feature)
 
     def __post_init__(self) -> None:
-        L, F, d = self.n_layers, self.d_sae, self.d_model
-        self.sse = torch.zeros(L, dtype=torch.float64)
-        self.y_sum = torch.zeros(L, d, dtype=torch.float64)
-        self.y_sq = torch.zeros(L, dtype=torch.float64)
-        self.active = torch.zeros(L, dtype=torch.float64)
-        self.fire_counts = torch.zeros(L, F, dtype=torch.long)
+        self.sums = ReconstructionSums.zeros(self.n_layers, self.d_model)
+        self.fire_counts = torch.zeros(self.n_layers, self.d_sae, dtype=torch.long)
 
     def update(self, y: torch.Tensor, y_hat: torch.Tensor, acts: torch.Tensor) -> None:
         """y, y_hat: [B, L, d] raw activations; acts: [B, L, F] feature activations."""
@@ -40,25 +34,19 @@ class LayerStats:
                 f"expected y and y_hat of shape [B, {self.n_layers}, {self.d_model}], got "
                 f"{tuple(y.shape)} and {tuple(y_hat.shape)}"
             )
-        y64, yh64 = y.detach().double().cpu(), y_hat.detach().double().cpu()
-        self.sse += (yh64 - y64).pow(2).sum(dim=(0, 2))
-        self.y_sum += y64.sum(0)
-        self.y_sq += y64.pow(2).sum(dim=(0, 2))
-        fired = acts.detach() != 0
-        self.active += fired.sum(dim=(0, 2)).double().cpu()
-        self.fire_counts += fired.sum(0).cpu()
+        self.sums.add_batch(y.cpu(), y_hat.cpu(), acts)
+        self.fire_counts += (acts.detach() != 0).sum(0).cpu()
         self.n_tokens += y.shape[0]
 
     def summary(self) -> dict[str, list[float]]:
         n = max(self.n_tokens, 1)
-        sst = self.y_sq - self.y_sum.pow(2).sum(-1) / n
-        fvu = (self.sse / sst.clamp_min(1e-30)).tolist()
+        fvu = self.sums.fvu().tolist()
         freq = self.fire_counts.double() / n
         return {
-            "mse": (self.sse / (n * self.d_model)).tolist(),
+            "mse": self.sums.mse().tolist(),
             "fvu": fvu,
             "explained_variance": [1 - f for f in fvu],
-            "l0": (self.active / n).tolist(),
+            "l0": self.sums.l0().tolist(),
             "dead_fraction": (self.fire_counts == 0).double().mean(-1).tolist(),
             "dense_fraction": (freq > DENSE_THRESHOLD).double().mean(-1).tolist(),
         }

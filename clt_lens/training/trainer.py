@@ -27,6 +27,7 @@ from clt_lens.clt.storage import (
     write_shard_index,
 )
 from clt_lens.errors import CLTLensError
+from clt_lens.evals.running import ReconstructionSums
 from clt_lens.training import checkpoint as ckpt_io
 from clt_lens.training import rng
 from clt_lens.training.config import TrainConfig
@@ -246,12 +247,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
         d = self.info.d_model
-        sse = torch.zeros(L, device=self.device, dtype=torch.float64)
-        y_sum = torch.zeros(L, d, device=self.device, dtype=torch.float64)
-        y_sq = torch.zeros(L, device=self.device, dtype=torch.float64)
-        l0_sum = torch.zeros(L, device=self.device, dtype=torch.float64)
+        sums = ReconstructionSums.zeros(L, d, self.device)
         fired = torch.zeros(self.since_fired.shape, dtype=torch.bool, device=self.device)
-        n_tok = 0
         for _ in range(cfg.grad_accum):
             x, y = self._next_batch()
             with self._autocast():
@@ -279,13 +276,10 @@ class Trainer:
                 terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             # explained variance from sums, so ranks and micro-batches combine exactly
             with torch.no_grad():
-                target = self.clt.normalize_outputs(y).double()
-            sse += out.mse_per_layer.double() * x.shape[0]  # mse: mean over tokens of sum over d
-            y_sum += target.sum(0)
-            y_sq += target.pow(2).sum(dim=(0, 2))
-            l0_sum += out.l0_per_layer.detach().double() * x.shape[0]
+                target = self.clt.normalize_outputs(y)
+            B = x.shape[0]  # mse_per_layer / l0_per_layer are means over the batch's tokens
+            sums.add(target, out.mse_per_layer.double() * B, out.l0_per_layer.double() * B)
             fired |= out.fired
-            n_tok += x.shape[0]
         par.average_grads(self.params)
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
@@ -303,27 +297,11 @@ class Trainer:
         self.since_fired += cfg.batch_size
         self.since_fired[fired_any] = 0
         # global metrics
-        stats = torch.cat(
-            [
-                sse,
-                y_sum.flatten(),
-                y_sq,
-                l0_sum,
-                torch.tensor([float(n_tok)], device=self.device, dtype=torch.float64),
-            ]
-        )
+        stats = sums.packed()
         par.sum_data(stats)
-        sse, y_sum, y_sq, l0_sum, n = (
-            stats[:L],
-            stats[L : L + L * d].view(L, d),
-            stats[L + L * d : 2 * L + L * d],
-            stats[2 * L + L * d : 3 * L + L * d],
-            stats[-1],
-        )
-        l0_sum = par.sum_features(l0_sum)  # each feature rank counts its own slice
-        sst = y_sq - y_sum.pow(2).sum(-1) / n
-        ev = (1 - sse / sst.clamp_min(1e-12)).tolist()
-        l0 = (l0_sum / n).tolist()
+        sums = ReconstructionSums.from_packed(stats, L, d)
+        sums.active = par.sum_features(sums.active)  # each feature rank counts its own slice
+        ev, l0 = sums.explained_variance().tolist(), sums.l0().tolist()
         term_t = torch.tensor(
             [terms.get(k, 0.0) for k in ("mse", "sparsity", "preact", "auxk")],
             device=self.device,
@@ -363,10 +341,7 @@ class Trainer:
         L = self.info.n_layers
         was_training = self.clt.training
         self.clt.eval()
-        sse = torch.zeros(L, dtype=torch.float64, device=self.device)
-        y_sum = torch.zeros(L, self.info.d_model, dtype=torch.float64, device=self.device)
-        y_sq = torch.zeros(L, dtype=torch.float64, device=self.device)
-        l0_sum = torch.zeros(L, dtype=torch.float64, device=self.device)
+        sums = ReconstructionSums.zeros(L, self.info.d_model, self.device)
         for x, y in zip(x_all.split(2048), y_all.split(2048)):
             x, y = x.to(self.device), y.to(self.device)
             acts = self.clt.encode(x)
@@ -375,16 +350,10 @@ class Trainer:
             partial = self.clt.decode_partial(
                 acts.transpose(0, 1).contiguous(), self.par.reduce_partials
             )
-            y_hat = self.clt.finish_decode(partial, self.clt.normalize_inputs(x)).double()
-            y = self.clt.normalize_outputs(y).double()
-            sse += (y_hat - y).pow(2).sum(dim=(0, 2))
-            y_sum += y.sum(0)
-            y_sq += y.pow(2).sum(dim=(0, 2))
-            l0_sum += (acts != 0).sum(dim=(0, 2)).double()
-        l0_sum = self.par.sum_features(l0_sum)
-        n = x_all.shape[0]
-        ev = (1 - sse / (y_sq - y_sum.pow(2).sum(-1) / n).clamp_min(1e-12)).tolist()
-        l0 = (l0_sum / n).tolist()
+            y_hat = self.clt.finish_decode(partial, self.clt.normalize_inputs(x))
+            sums.add_batch(self.clt.normalize_outputs(y), y_hat, acts)
+        sums.active = self.par.sum_features(sums.active)
+        ev, l0 = sums.explained_variance().tolist(), sums.l0().tolist()
         if was_training:
             self.clt.train()
         return {
