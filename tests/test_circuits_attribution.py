@@ -235,7 +235,7 @@ def test_bad_input_fails_before_heavy_work(tmp_path, embedded_model, clt, monkey
 
     kw = {"model": embedded_model, "out_dir": tmp_path}
     three = CrossLayerTranscoder(CLTConfig(d_in=128, d_sae=16, n_layers=3))
-    with pytest.raises(CircuitsError, match="3 layers.*n_layers=4"):
+    with pytest.raises(CircuitsError, match="n_layers=3.*n_layers=4"):
         attribute_prompt(three, PROMPT, **kw)
     wide = CrossLayerTranscoder(CLTConfig(d_in=64, d_sae=16, n_layers=4))
     with pytest.raises(CircuitsError, match="d_model=128"):

@@ -29,8 +29,13 @@ from clt_lens.circuits.errors import CircuitsError
 from clt_lens.circuits.export import default_scan, write_circuit_tracer_set
 from clt_lens.circuits.graph_json import add_clerps, feature_nodes, fix_error_node_ids
 from clt_lens.circuits.loading import clt_summary, is_transcoder_set_dir, load_clt, load_transcoders
-from clt_lens.circuits.replacement import build_replacement_model, check_family, is_model_hook
+from clt_lens.circuits.replacement import (
+    REPLACEMENT_MLP_HOOKS,
+    build_replacement_model,
+    check_family,
+)
 from clt_lens.clt.activations import REGISTRY as ACTIVATION_REGISTRY
+from clt_lens.clt.loading import check_fits
 from clt_lens.fsutil import atomic_path
 
 OFFLOAD_CHOICES = (None, "cpu", "disk")
@@ -207,18 +212,10 @@ def _check_args(
 
 
 def _check_fit(summary: dict[str, Any], model: Any, what: str) -> None:
-    cfg = model.cfg
     check_family(model)
-    if summary["n_layers"] != cfg.n_layers:
-        raise CircuitsError(
-            f"{what} has {summary['n_layers']} layers but model {cfg.model_name!r} has "
-            f"n_layers={cfg.n_layers}"
-        )
-    if summary["d_model"] != cfg.d_model:
-        raise CircuitsError(
-            f"{what} has width d_in={summary['d_model']} but model {cfg.model_name!r} has "
-            f"d_model={cfg.d_model}"
-        )
+    check_fits(model, summary["n_layers"], summary["d_model"], what, error=CircuitsError,
+               hooks=(summary["input_hook"], summary["output_hook"]),
+               extra_hooks=REPLACEMENT_MLP_HOOKS)
     name = summary.get("activation")  # None: a circuit-tracer set
     act = ACTIVATION_REGISTRY.get(name) if isinstance(name, str) else None
     if act is not None and act.circuit_tracer_activation is None:
@@ -231,10 +228,6 @@ def _check_fit(summary: dict[str, Any], model: Any, what: str) -> None:
             f"{what} is a cross-layer CLT with a skip connection: circuit-tracer 0.5.0 cannot "
             "load its W_skip"
         )
-    for role in ("input_hook", "output_hook"):
-        hook = summary[role]
-        if not is_model_hook(model, hook):
-            raise CircuitsError(f"{what}'s {role} {hook!r} is not a hook point of the model")
 
 
 def tokenize_prompt(model: Any, prompt: str) -> torch.Tensor:

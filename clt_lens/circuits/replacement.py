@@ -17,6 +17,10 @@ from typing import Any
 import torch
 
 from clt_lens.circuits.errors import CircuitsError
+from clt_lens.clt.loading import check_fits
+
+# hook points circuit-tracer's ReplacementMLP adds to every block (not in the bare model)
+REPLACEMENT_MLP_HOOKS = ("mlp.hook_in", "mlp.hook_out")
 
 # Normalisations with a ``hook_scale`` circuit-tracer can freeze.
 _NORMALIZATIONS = ("LN", "LNPre", "RMS", "RMSPre")
@@ -33,12 +37,6 @@ def tokenizer_dir(model: Any) -> str | None:
     return None
 
 
-def is_model_hook(model: Any, hook: str) -> bool:
-    """Whether block-relative ``hook`` exists in ``model`` (or in circuit-tracer's ReplacementMLP,
-    which adds ``mlp.hook_in`` / ``mlp.hook_out``)."""
-    return hook in ("mlp.hook_in", "mlp.hook_out") or f"blocks.0.{hook}" in model.hook_dict
-
-
 def check_family(model: Any) -> None:
     """CircuitsError unless circuit-tracer attribution through the model's family is verified."""
     from clt_lens.models import UnsupportedFamilyError, check_attribution_support
@@ -51,29 +49,12 @@ def check_family(model: Any) -> None:
 
 def check_transcoders_fit(model: Any, transcoders: Any) -> None:
     """Raise CircuitsError unless ``transcoders`` (circuit-tracer objects) fit ``model``."""
-    cfg = model.cfg
-    n_layers = transcoders.n_layers
     d_model = getattr(transcoders, "d_model", None)
     if d_model is None:  # TranscoderSet
         d_model = transcoders[0].d_model
-    if n_layers != cfg.n_layers:
-        raise CircuitsError(
-            f"the transcoders have {n_layers} layers but the model has n_layers={cfg.n_layers}: "
-            "circuit-tracer replaces every MLP, so they must match"
-        )
-    if d_model != cfg.d_model:
-        raise CircuitsError(
-            f"the transcoders read width {d_model} but the model has d_model={cfg.d_model}"
-        )
-    for role, hook in (("feature_input_hook", transcoders.feature_input_hook),
-                       ("feature_output_hook", transcoders.feature_output_hook)):
-        if hook.startswith("blocks."):
-            raise CircuitsError(f"{role} {hook!r} must be block-relative (no 'blocks.{{l}}.')")
-        if not is_model_hook(model, hook):
-            raise CircuitsError(
-                f"{role} {hook!r} is not a hook point of the model's blocks (e.g. "
-                "'ln2.hook_normalized', 'hook_resid_mid', 'hook_mlp_out', 'mlp.hook_in')"
-            )
+    check_fits(model, transcoders.n_layers, d_model, "the transcoders",
+               hooks=(transcoders.feature_input_hook, transcoders.feature_output_hook),
+               extra_hooks=REPLACEMENT_MLP_HOOKS, error=CircuitsError)
 
 
 def build_replacement_model(model: Any, transcoders: Any, *, check_logits: bool = True) -> Any:

@@ -18,7 +18,7 @@ import torch
 from sae_lens import SAE
 from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 
-from clt_lens.activations import HookSpec, validate_hooks
+from clt_lens.activations import HookSpec, valid_hook_names, validate_hooks
 from clt_lens.clt.model import CrossLayerTranscoder
 from clt_lens.clt.storage import SHARD_INDEX, is_sharded, sharded_disk_loader
 from clt_lens.errors import CLTLensError, MissingFileError
@@ -127,15 +127,34 @@ def clt_summary(clt_or_path: Any) -> dict[str, Any]:
     }
 
 
+def check_fits(model: Any, n_layers: int, d_model: int, what: str = "the CLT", *,
+               hooks: tuple[str, str] | None = None, extra_hooks: tuple[str, ...] = (),
+               error: type[Exception] = CheckpointError) -> None:  # fmt: skip
+    """Raise ``error`` unless transcoders of ``n_layers`` x ``d_model`` reading and writing
+    ``hooks`` (block-relative) fit ``model``; ``extra_hooks`` are hook names that exist only
+    once the model is wrapped (circuit-tracer's ``mlp.hook_in``). The one shape check behind
+    loading (:func:`check_compatible`), splicing, attribution and circuit-tracer sets."""
+    L, d = model.cfg.n_layers, model.cfg.d_model
+    if n_layers != L or d_model != d:
+        raise error(
+            f"{what} has n_layers={n_layers}, d_in={d_model} but the model has "
+            f"n_layers={L}, d_model={d}: they must match (one transcoder per MLP)"
+        )
+    for role, name in zip(("input hook", "output hook"), hooks or ()):
+        if name in extra_hooks:
+            continue
+        if name.startswith("blocks."):
+            raise error(f"{what}'s {role} {name!r} must be block-relative (no 'blocks.{{l}}.')")
+        valid = valid_hook_names(model)
+        if name not in valid:
+            raise error(f"{what}'s {role} {name!r} is not a hook of the model's blocks; "
+                        f"valid block-relative names: {list(valid) + list(extra_hooks)}")
+
+
 def check_compatible(clt: Any, model: Any, model_name: str | None = None) -> None:
     """Raise ``CheckpointError`` unless ``clt`` was made for ``model``: layers, width, hook
     names, the model's content id recorded at training and, if given, the model's name."""
-    L, d = model.cfg.n_layers, model.cfg.d_model
-    if clt.cfg.n_layers != L or clt.cfg.d_in != d:
-        raise CheckpointError(
-            f"the CLT has n_layers={clt.cfg.n_layers}, d_in={clt.cfg.d_in} but the model has "
-            f"n_layers={L}, d_model={d}: the checkpoint does not match the model"
-        )
+    check_fits(model, clt.cfg.n_layers, clt.cfg.d_in, "the checkpoint")
     validate_hooks(model, HookSpec(clt.cfg.input_hook, clt.cfg.output_hook))
     meta = getattr(clt.cfg, "metadata", None)
     want = getattr(meta, "model_id", None)

@@ -14,24 +14,15 @@ from typing import Any
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from clt_lens.clt.loading import check_fits
 from clt_lens.clt.model import CrossLayerTranscoder
 from clt_lens.errors import InputError
 
 
 def check_model_matches(model: HookedTransformer, clt: CrossLayerTranscoder) -> None:
-    """Raise ValueError unless ``clt`` fits ``model`` (layers, width, hooks)."""
-    if model.cfg.n_layers != clt.n_layers:
-        raise InputError(
-            f"the CLT has {clt.n_layers} layers but the model has n_layers={model.cfg.n_layers}"
-        )
-    if model.cfg.d_model != clt.d_model:
-        raise InputError(
-            f"the CLT has d_in={clt.d_model} but the model has d_model={model.cfg.d_model}"
-        )
-    for layer in range(clt.n_layers):
-        for name in (clt.cfg.input_hook_name(layer), clt.cfg.output_hook_name(layer)):
-            if name not in model.hook_dict:
-                raise InputError(f"hook '{name}' (from the CLT's config) is not in the model")
+    """Raise InputError unless ``clt`` fits ``model`` (layers, width, hooks)."""
+    check_fits(model, clt.n_layers, clt.d_model, hooks=(clt.cfg.input_hook, clt.cfg.output_hook),
+               error=InputError)
 
 
 def run_with_clt(
