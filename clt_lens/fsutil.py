@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,3 +73,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> None:
     """``data`` as JSON (UTF-8, non-ASCII kept, newline-terminated), written atomically."""
     atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+def is_safe_name(name: str) -> bool:
+    """A plain file name (no path separators, no leading dot): safe to join to a folder."""
+    return bool(_SAFE_NAME.match(name))

@@ -47,7 +47,7 @@ from typing import Any
 from clt_lens.circuits.errors import CircuitsError
 from clt_lens.circuits.viewer_data import FEATURES_SUBDIR, INDEX_FILE, scan_dirname
 from clt_lens.circuits.workbench import LIMITS, Workbench, WorkbenchError
-from clt_lens.fsutil import atomic_write_text
+from clt_lens.fsutil import atomic_write_text, is_safe_name
 from clt_lens.vendor_js import (
     SCRIPTS,
     VIEWER_SCRIPTS,
@@ -61,7 +61,6 @@ DEFAULT_PORT = 8032
 DEFAULT_HOST = "127.0.0.1"
 LOCAL_SCAN_PREFIX = "./feature_data/"
 MAX_POST_BYTES = 16 * 1024 * 1024
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "viewer"
 # Our pages and scripts (clt_lens/assets/viewer): URL path -> (file, content type)
 _ASSETS = {
@@ -114,11 +113,6 @@ def install_viewer_js(dest: str | Path | None = None, *, npm: str = "npm") -> Pa
         return install_js(dest, npm=npm)
     except ScriptsError as e:
         raise CircuitsError(str(e)) from None
-
-
-def is_safe_name(name: str) -> bool:
-    """A plain file name (no path separators, no leading dot)."""
-    return bool(_NAME.match(name))
 
 
 def workbench_index_html(html: str) -> str:
@@ -249,7 +243,7 @@ class ViewerHandler(http.server.SimpleHTTPRequestHandler):
         self._send(html.encode(), "text/html; charset=utf-8")
 
     def _data_file(self, name: str) -> Path | None:
-        if not _NAME.match(name):
+        if not is_safe_name(name):
             return None
         return self.server.data_dir / name
 
@@ -286,7 +280,7 @@ class ViewerHandler(http.server.SimpleHTTPRequestHandler):
         return json.dumps(data).encode()
 
     def _feature(self, folder: str, name: str) -> None:
-        if not (_NAME.match(folder) and _NAME.match(name) and name.endswith(".json")):
+        if not (is_safe_name(folder) and is_safe_name(name) and name.endswith(".json")):
             return self.send_error(404)
         path = self.server.data_dir / FEATURES_SUBDIR / folder / name
         if path.is_file():

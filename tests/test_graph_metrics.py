@@ -97,8 +97,7 @@ def attributed(embedded_model):
 
     from circuit_tracer import attribute
 
-    from clt_lens.circuits.attribution import tokenize_prompt
-    from clt_lens.circuits.replacement import load_replacement_model
+    from clt_lens.circuits.attribution import load_replacement_model, tokenize_prompt
     from clt_lens.circuits.synthetic import random_clt
 
     clt = random_clt(embedded_model, d_sae=64, seed=3)

@@ -10,12 +10,16 @@ graphs with their viewer files.
   runs from the graph page).
 """
 
-from clt_lens.circuits.attribution import AttributionResult, attribute_prompt
+from clt_lens.circuits.attribution import (
+    AttributionResult,
+    attribute_prompt,
+    load_replacement_model,
+)
 from clt_lens.circuits.errors import CircuitsError
 from clt_lens.circuits.export import circuit_tracer_tensors, write_circuit_tracer_set
 from clt_lens.circuits.intervention import Intervention, InterventionResult, intervene
 from clt_lens.circuits.loading import load_clt, load_transcoders
-from clt_lens.circuits.replacement import build_replacement_model, load_replacement_model
+from clt_lens.circuits.replacement import build_replacement_model
 from clt_lens.circuits.viewer_data import cantor_pair, write_viewer_features
 
 __all__ = [

@@ -425,3 +425,18 @@ def _resolve_model(model: Any, device: str | torch.device) -> Any:
 def _atomic(path: Path, write: Any) -> None:
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def load_replacement_model(
+    transcoders: Any, model: Any = "embedded", *, device: str | torch.device = "cpu"
+) -> Any:
+    """circuit-tracer ``ReplacementModel`` from a CLT (object, checkpoint folder or training
+    run) or a circuit-tracer set folder, and a model (a ``load_model`` name/path or a loaded
+    HookedTransformer). Sizes and hooks are checked against the model before weights are read.
+    """
+    summary = source_summary(transcoders)
+    what = f"CLT {summary['source']}" if summary.get("source") else "the CLT"
+    ht = _resolve_model(model, device)
+    _check_fit(summary, ht, what)
+    tcs, _ = load_circuit_tracer_transcoders(transcoders, summary, ht)
+    return build_replacement_model(ht, tcs)

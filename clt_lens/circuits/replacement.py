@@ -129,25 +129,3 @@ def _check_same_logits(model: Any, rm: Any, n_tokens: int = 16) -> None:
             f"the replacement model's logits differ from the base model's by {err:.3g} "
             f"(scale {scale:.3g}): its weights did not load as expected"
         )
-
-
-def load_replacement_model(
-    transcoders: Any, model: Any = "embedded", *, device: str | torch.device = "cpu"
-) -> Any:
-    """circuit-tracer ``ReplacementModel`` from a CLT (object, checkpoint folder or training
-    run) or a circuit-tracer set folder, and a model (a ``load_model`` name/path or a loaded
-    HookedTransformer). Sizes and hooks are checked against the model before weights are read.
-    """
-    from clt_lens.circuits.attribution import (
-        _check_fit,
-        _resolve_model,
-        load_circuit_tracer_transcoders,
-        source_summary,
-    )
-
-    summary = source_summary(transcoders)
-    what = f"CLT {summary['source']}" if summary.get("source") else "the CLT"
-    ht = _resolve_model(model, device)
-    _check_fit(summary, ht, what)
-    tcs, _ = load_circuit_tracer_transcoders(transcoders, summary, ht)
-    return build_replacement_model(ht, tcs)

@@ -26,6 +26,7 @@ from typing import Any
 from clt_lens.circuits.errors import CircuitsError
 from clt_lens.circuits.viewer_data import FEATURES_SUBDIR, cantor_pair, scan_dirname
 from clt_lens.errors import CLTLensError
+from clt_lens.fsutil import is_safe_name
 
 LIMITS = {
     "max_request_bytes": 64 * 1024,
@@ -90,8 +91,6 @@ class Workbench:
 
     # -- graphs and what they name ------------------------------------------------------------
     def graph(self, slug: Any) -> dict[str, Any]:
-        from clt_lens.serve import is_safe_name
-
         if not isinstance(slug, str) or not is_safe_name(f"{slug}.json"):
             raise _bad(f"slug must name a graph of this folder, got {slug!r}")
         path = self.data_dir / f"{slug}.json"
@@ -296,7 +295,7 @@ class Workbench:
         key = src["key"]
         if key in self._models:
             return self._models[key]
-        from clt_lens.circuits.replacement import load_replacement_model
+        from clt_lens.circuits.attribution import load_replacement_model
         from clt_lens.models import load_model, model_id
 
         try:

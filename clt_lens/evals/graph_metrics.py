@@ -371,9 +371,8 @@ def evaluate_graphs(
     "pooled_faithfulness": {...}, "settings": {...}}``."""
     from circuit_tracer import attribute
 
-    from clt_lens.circuits.attribution import tokenize_prompt
+    from clt_lens.circuits.attribution import load_replacement_model, tokenize_prompt
     from clt_lens.circuits.errors import CircuitsError
-    from clt_lens.circuits.replacement import load_replacement_model
 
     if isinstance(prompts, str) or not prompts or not all(
             isinstance(p, str) and p.strip() for p in prompts):
