@@ -35,7 +35,7 @@ from clt_lens.circuits.replacement import (
     check_family,
 )
 from clt_lens.clt.activations import REGISTRY as ACTIVATION_REGISTRY
-from clt_lens.clt.loading import check_fits
+from clt_lens.clt.loading import check_fits, model_for
 from clt_lens.fsutil import atomic_path
 
 OFFLOAD_CHOICES = (None, "cpu", "disk")
@@ -321,7 +321,7 @@ def attribute_prompt(
         from clt_lens.circuits.viewer_data import check_features_dir
 
         check_features_dir(features_dir, n_layers=summary["n_layers"], d_sae=summary["d_sae"])
-    ht = _resolve_model(model, device)
+    ht, _ = model_for(None, model, device)
     _check_fit(summary, ht, what)
     if max_n_logits > ht.cfg.d_vocab:
         raise CircuitsError(f"max_n_logits={max_n_logits} exceeds the vocabulary "
@@ -409,19 +409,6 @@ def attribute_prompt(
     return result
 
 
-def _resolve_model(model: Any, device: str | torch.device) -> Any:
-    from transformer_lens import HookedTransformer
-
-    if isinstance(model, HookedTransformer):
-        return model
-    if not isinstance(model, str | Path):
-        raise CircuitsError(f"model must be a load_model name/path or a HookedTransformer, got "
-                            f"{type(model).__name__}")
-    from clt_lens.models import load_model
-
-    return load_model(model, device=device)
-
-
 def _atomic(path: Path, write: Any) -> None:
     with atomic_path(path) as tmp:
         write(tmp)
@@ -436,7 +423,7 @@ def load_replacement_model(
     """
     summary = source_summary(transcoders)
     what = f"CLT {summary['source']}" if summary.get("source") else "the CLT"
-    ht = _resolve_model(model, device)
+    ht, _ = model_for(None, model, device)
     _check_fit(summary, ht, what)
     tcs, _ = load_circuit_tracer_transcoders(transcoders, summary, ht)
     return build_replacement_model(ht, tcs)

@@ -18,10 +18,11 @@ import torch
 from sae_lens import SAE
 from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 
+from clt_lens import models
 from clt_lens.activations import HookSpec, valid_hook_names, validate_hooks
 from clt_lens.clt.model import CrossLayerTranscoder
 from clt_lens.clt.storage import SHARD_INDEX, is_sharded, sharded_disk_loader
-from clt_lens.errors import CLTLensError, MissingFileError
+from clt_lens.errors import CLTLensError, InputError, MissingFileError
 from clt_lens.models import model_id
 
 
@@ -125,6 +126,23 @@ def clt_summary(clt_or_path: Any) -> dict[str, Any]:
         "model_name": meta.get("model_name"),
         "source": str(resolve_checkpoint_dir(clt_or_path)),
     }
+
+
+def model_for(clt: Any, model: Any = None, device: str | torch.device | None = None
+              ) -> tuple[Any, str]:  # fmt: skip
+    """The model to run ``clt`` with, and its name: ``model`` as given (a HookedTransformer),
+    loaded by ``load_model`` name or folder, or, when None, the model the CLT was trained on
+    (``metadata.model_name``; the embedded model for a CLT that does not say)."""
+    trained_on = getattr(getattr(getattr(clt, "cfg", None), "metadata", None), "model_name", None)
+    if model is None:
+        model = trained_on or "embedded"
+    if isinstance(model, str | Path):
+        # through the module, so a test (or a notebook) can swap models.load_model
+        return models.load_model(str(model), device=device or "cpu"), str(model)
+    if not hasattr(model, "run_with_hooks") or not hasattr(model, "cfg"):
+        raise InputError(f"model must be a load_model name or folder or a HookedTransformer, got "
+                         f"{type(model).__name__}")
+    return model, str(trained_on or getattr(model.cfg, "model_name", "unknown"))
 
 
 def check_fits(model: Any, n_layers: int, d_model: int, what: str = "the CLT", *,

@@ -17,18 +17,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from clt_lens.clt.loading import check_compatible, load_clt
+from clt_lens.clt.loading import check_compatible, load_clt, model_for
 from clt_lens.errors import CLTLensError
 from clt_lens.evals.metrics import CEStats, LayerStats, ce_recovered, kl_div, token_ce
 
 
 class EvalError(CLTLensError, ValueError):
     """The checkpoint, model or data cannot be evaluated together."""
-
-
-def _clt_model_name(clt: Any) -> str | None:
-    meta = getattr(clt.cfg, "metadata", None)
-    return getattr(meta, "model_name", None) if meta is not None else None
 
 
 def _training_dataset(path: Any) -> str | None:
@@ -74,16 +69,13 @@ def evaluate(
     from clt_lens.activations import HookSpec, collect_activations
     from clt_lens.clt.splice import run_with_clt
     from clt_lens.data import load_tokens
-    from clt_lens.models import load_model
 
     dataset = dataset or _training_dataset(clt) or "embedded"
     clt_path = clt if isinstance(clt, (str, Path)) else None
     clt = load_clt(clt, device=device)
-    model_name = model if isinstance(model, str) else None
-    if model is None or isinstance(model, str):
-        model_name = model or _clt_model_name(clt) or "embedded"
-        model = load_model(model_name, device=device)
-    check_compatible(clt, model, model_name)
+    by_name = model is None or isinstance(model, str | Path)
+    model, model_name = model_for(clt, model, device)
+    check_compatible(clt, model, model_name if by_name else None)
     if n_tokens <= 0:
         raise EvalError(f"n_tokens must be positive, got {n_tokens}")
     if density_tokens < 0:

@@ -34,10 +34,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-# models is used as models.load_model, not imported by name: tests swap load_model on the module.
-from clt_lens import models
 from clt_lens.activations import HookSpec, collect_activations
-from clt_lens.clt.loading import check_compatible, load_clt, resolve_checkpoint_dir
+from clt_lens.clt.loading import check_compatible, load_clt, model_for, resolve_checkpoint_dir
 from clt_lens.clt.model import CrossLayerTranscoder
 from clt_lens.config import ConfigError, config_to_dict
 from clt_lens.data import load_tokens
@@ -47,6 +45,7 @@ from clt_lens.features.config import FeaturesConfig
 from clt_lens.features.format import FORMAT_VERSION, MANIFEST_FILE, layer_file_name
 from clt_lens.features.records import ExampleTokens, dumps_lines, layer_records
 from clt_lens.fsutil import atomic_write_text
+from clt_lens.models import model_id
 
 # Floats of one stats chunk ([sequences, positions, features]); bounds memory for wide CLTs.
 CHUNK_ELEMENTS = 1 << 24
@@ -86,18 +85,6 @@ def vocab_strings(tokenizer: Any, d_vocab: int) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 # Entry point
-
-
-def _resolve_model(model: Any, clt: Any, device: str | None) -> tuple[Any, str]:
-    if model is None:
-        model = getattr(clt.cfg.metadata, "model_name", None) or "embedded"
-    if isinstance(model, str | Path):
-        name = str(model)
-        return models.load_model(name, device=device or "cpu"), name
-    name = getattr(clt.cfg.metadata, "model_name", None) or getattr(
-        model.cfg, "model_name", "unknown"
-    )
-    return model, str(name)
 
 
 def _tokenizer_path(model: Any, out_dir: Path) -> str:
@@ -176,7 +163,7 @@ def run_features(
             f"expected a CrossLayerTranscoder or a checkpoint folder, got {type(clt).__name__}"
         )
     layers = _check_layers(cfg.layers, clt.cfg.n_layers)
-    model, model_name = _resolve_model(model if model is not None else cfg.model, clt, cfg.device)
+    model, model_name = model_for(clt, model if model is not None else cfg.model, cfg.device)
     device = next(model.parameters()).device
     if cfg.device:
         want = torch.device(cfg.device)
@@ -266,7 +253,7 @@ def run_features(
     manifest = {
         "format_version": FORMAT_VERSION,
         "model": model_name,
-        "model_id": models.model_id(model),
+        "model_id": model_id(model),
         "checkpoint": str(checkpoint),
         "n_layers": n_layers,
         "d_sae": n_feat,
