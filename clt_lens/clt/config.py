@@ -47,18 +47,18 @@ class CLTSpec:
     """
 
     d_sae: int = 1024  # features per layer
-    activation: Literal["jumprelu", "relu", "topk", "batchtopk"] = "jumprelu"
+    activation: Literal["jumprelu", "relu", "topk", "batchtopk"] = "jumprelu"  # nonlinearity
     k: int = 32  # topk / batchtopk: active features per token per layer
     cross_layer: bool = True  # False: per-layer transcoders (PLT)
     skip: bool = False  # add a linear skip connection per layer
     # JumpReLU: thresholds and bandwidth are in normalised space, where activations have
     # mean squared norm d (coordinates of order 1).
     jumprelu_init_threshold: float = 0.03
-    jumprelu_bandwidth: float = 0.05
+    jumprelu_bandwidth: float = 0.05  # width of the pseudo-derivative's rectangle kernel
     # False: the pseudo-derivative reaches the threshold only (DeepMind's JumpReLU);
     # True: also the pre-activation, hence the encoder (Anthropic's setup).
     jumprelu_ste_to_input: bool = False
-    sparsity_penalty: Literal["tanh", "l1"] = "tanh"
+    sparsity_penalty: Literal["tanh", "l1"] = "tanh"  # penalty on decoder-norm-scaled activations
     # The MSE sums over d (and layers), so useful values grow with d_in: on a toy d=32 CLT,
     # 0.1 -> L0 ~15 per layer at FVU 0.01, 1.0 -> L0 ~2 at FVU 0.2; the demo (d=128) uses 0.3.
     # Training warms it up over sparsity_warmup_steps.
