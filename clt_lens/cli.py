@@ -1,7 +1,9 @@
 """The ``clt-lens`` command: one subcommand per step of the pipeline.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
-``run(args, extra) -> int``; ``extra`` holds ``--key value`` config overrides. Modules are
+Each subcommand lives in its own module exposing ``CONFIG`` (its config dataclass),
+``add_arguments(parser)`` (the options ``clt_lens.cli_args`` generates from ``CONFIG``) and
+``run(args, extra) -> int``; ``extra`` holds what argparse did not recognise (refused by
+name, or positional words given after an option). Modules are
 imported only when their subcommand runs, so ``clt-lens --help`` stays fast.
 """
 
@@ -12,6 +14,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from clt_lens.errors import CLTLensError
 
@@ -27,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "autointerp": ("clt_lens.autointerp.cli", "explain and score features via an OpenAI-style API"),
     "export": ("clt_lens.circuits.cli_export", "write a circuit-tracer transcoder set"),
     "attribute": ("clt_lens.circuits.cli", "attribution graph for a prompt with circuit-tracer"),
-    "serve": ("clt_lens.serve", "local viewer for graphs and feature pages"),
+    "serve": ("clt_lens.serve_cli", "local viewer for graphs and feature pages"),
     "upload": ("clt_lens.features.upload", "upload features to Neuronpedia"),
 }
 
@@ -52,6 +55,15 @@ def _version() -> str:
     return f"clt-lens {__version__}"
 
 
+def command_parser(name: str) -> tuple[ModuleType, argparse.ArgumentParser]:
+    """The module of command ``name`` and its parser (what ``clt-lens NAME ...`` parses with)."""
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"clt-lens {name}", description=help_)
+    module.add_arguments(parser)
+    return module, parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -65,10 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.parse_args(argv[:1])  # prints the usage error listing valid commands
         return 2
     name = argv[0]
-    module_name, help_ = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"clt-lens {name}", description=help_)
-    module.add_arguments(parser)
+    module, parser = command_parser(name)
     args, extra = parser.parse_known_args(argv[1:])
     try:
         code = module.run(args, extra)

@@ -28,6 +28,7 @@ import yaml
 from clt_lens.config import ConfigError, load_config
 
 T = TypeVar("T")
+_BOOL_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")
 
 
 @cache
@@ -131,19 +132,35 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
 def config_from_args(cls: type[T], args: argparse.Namespace, config: str | Path | None,
                      extra: Mapping[str, Any] | None = None) -> T:  # fmt: skip
     """The config: YAML file ``config`` (optional), then the options given, then ``extra``."""
-    names = {name for name, *_ in iter_fields(cls)}
     overrides: dict[str, Any] = {}
-    for name in names:
+    for name, tp, *_ in iter_fields(cls):
         if hasattr(args, name):
             node = overrides
             *parents, leaf = name.split(".")
             for p in parents:
                 node = node.setdefault(p, {})
             raw = getattr(args, name)
-            node[leaf] = _yaml_value(raw) if isinstance(raw, str) else raw
+            node[leaf] = _option_value(raw, tp) if isinstance(raw, str) else raw
     for key, value in (extra or {}).items():
         overrides.setdefault(key, value)
     return load_config(cls, config, overrides)
+
+
+def _option_value(raw: str, tp: Any) -> Any:
+    """An option's word as the field's value. Text fields take it as written (a prompt such as
+    ``ROMEO: But soft`` is not a YAML mapping, a leading space is kept); list fields split on
+    commas (``--features 1:4`` is not YAML's base-60 integer); the rest is read as YAML."""
+    args = set(typing.get_args(tp))
+    text_like = tp is str or (args == {str, type(None)})
+    if text_like:
+        return None if (type(None) in args and raw in ("null", "none", "None", "~")) else raw
+    origin = typing.get_origin(tp)
+    listy = origin in (list, tuple, Sequence) or any(
+        typing.get_origin(a) in (list, tuple, Sequence) for a in args
+    )
+    if listy and not raw.lstrip().startswith("["):
+        return None if (type(None) in args and raw in ("null", "none", "None", "~")) else raw
+    return _yaml_value(raw)
 
 
 def _yaml_value(raw: str) -> Any:
@@ -154,14 +171,66 @@ def _yaml_value(raw: str) -> Any:
 
 
 def split_config_path(positional: Sequence[str]) -> tuple[str | None, list[str]]:
-    """(YAML file, other positional words) from the words before the options."""
+    """(YAML file, other positional words): the first word ending in .yaml/.yml is the file."""
     config, rest = None, []
     for word in positional:
-        if config is None and (word.endswith((".yaml", ".yml")) or Path(word).is_file()):
+        if config is None and word.endswith((".yaml", ".yml")):
             config = word
         else:
             rest.append(word)
     return config, rest
+
+
+def add_positionals(parser: argparse.ArgumentParser, *names: str, help: str = "") -> None:
+    """``[CONFIG.yaml] NAME ...``: positional words; NAMEs are fields, settable as --NAME too."""
+    metavar = " ".join(["[CONFIG.yaml]", *(n.upper() for n in names)])
+    help = help or "CONFIG.yaml: optional YAML file of the fields below" + "".join(
+        f"; then {n.upper()} (same as --{n})" for n in names
+    )
+    parser.add_argument("words", nargs="*", metavar=metavar, help=help)
+
+
+def command_config(cls: type[T], args: argparse.Namespace, extra: Sequence[str], command: str,
+                   positionals: Sequence[str] = (), config: str | None = None) -> T:  # fmt: skip
+    """The command's config from its positional words and options. Words argparse left over
+    after an option (``--tokens 5 CHECKPOINT``) still count as positionals; a field given both
+    ways, unknown options and extra words are refused by name."""
+    swallowed = []
+    for name, tp, *_ in iter_fields(cls):
+        raw = getattr(args, name, None)
+        # a switch takes an optional value, so `--read-only DIR` hands it DIR: a word that is
+        # not true/false is the next positional, and the switch is on
+        if tp is bool and isinstance(raw, str) and raw.lower() not in _BOOL_WORDS:
+            setattr(args, name, "true")
+            swallowed.append(raw)
+    words = [*getattr(args, "words", []), *swallowed, *(w for w in extra if not w.startswith("-"))]
+    reject_unknown([w for w in extra if w.startswith("-")], command)
+    yaml_path, rest = split_config_path(words)
+    if config is not None:
+        if yaml_path is not None:
+            raise ConfigError(f"two config files: {config!r} and {yaml_path!r}; give one")
+        yaml_path = config
+    if len(rest) > len(positionals):
+        raise ConfigError(
+            f"too many positional arguments {rest}: 'clt-lens {command}' takes "
+            + (" ".join(n.upper() for n in positionals) or "none")
+            + " after an optional CONFIG.yaml"
+        )
+    given = dict(zip(positionals, rest))
+    if yaml_path is None:
+        required = {name for name, _, default, _ in iter_fields(cls)
+                    if default is dataclasses.MISSING}  # fmt: skip
+        absent = [n for n in positionals if n in required and n not in given
+                  and not hasattr(args, n)]  # fmt: skip
+        if absent:
+            raise ConfigError(
+                f"'clt-lens {command}' needs " + " ".join(n.upper() for n in absent)
+                + " (or " + ", ".join(f"--{n}" for n in absent) + ")"
+            )
+    for name in given:
+        if hasattr(args, name):
+            raise ConfigError(f"{name} given twice: as {name.upper()} and as --{name}; keep one")
+    return config_from_args(cls, args, yaml_path, given)
 
 
 def reject_unknown(unknown: Sequence[str], command: str) -> None:

@@ -147,6 +147,12 @@ def build_config(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             f"unknown config key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "
             f"accepted: {sorted(prefix + k for k in types_)}"
         )
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
+               and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    if missing:
+        raise ConfigError(f"missing config key(s) {[prefix + k for k in missing]} for "
+                          f"{cls.__name__} (they have no default)")
     kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
     try:
         obj = cls(**kwargs)

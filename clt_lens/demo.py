@@ -17,24 +17,42 @@ import argparse
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from clt_lens.cli_args import add_config_arguments, add_positionals, command_config
 
 SAMPLE_PROMPT = "ROMEO: But soft, what light through yonder window"
 FEATURES_PER_LAYER = 4
 
 
+@dataclass
+class DemoConfig:
+    out_dir: str = "runs/demo"  # output directory; a second run reuses what is there
+    device: str = "cpu"  # torch device for every stage
+    cache_tokens: int = 262_144  # tokens of activations cached for training
+    n_steps: int | None = None  # training steps; default: demo.yaml's
+    feature_tokens: int = 65_536  # tokens for the feature statistics
+    eval_tokens: int = 16_384  # tokens for FVU/L0/CE/KL
+    density_tokens: int = 131_072  # held-out tokens over which dead features are counted
+    prompt: str = SAMPLE_PROMPT  # prompt of the attribution graph
+    fresh: bool = False  # delete out_dir first instead of reusing it
+
+    renamed_keys: ClassVar[dict[str, str]] = {"out": "out_dir", "steps": "n_steps"}
+
+
+CONFIG = DemoConfig
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--cache-tokens", type=int, default=262_144)
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: demo.yaml)")
-    p.add_argument("--feature-tokens", type=int, default=65_536)
-    p.add_argument("--eval-tokens", type=int, default=16_384)
-    p.add_argument("--density-tokens", type=int, default=131_072,
-                   help="held-out tokens over which dead features are counted")
-    p.add_argument("--prompt", default=SAMPLE_PROMPT)
-    p.add_argument("--fresh", action="store_true", help="delete OUT first instead of reusing it")
+    p.usage = "clt-lens demo [CONFIG.yaml] [--field value ...]"
+    add_positionals(p)
+    add_config_arguments(p, DemoConfig)
+
+
+def load(args: argparse.Namespace, extra: list[str]) -> DemoConfig:
+    return command_config(DemoConfig, args, extra, "demo")
 
 
 class _Stages:
@@ -52,6 +70,7 @@ class _Stages:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    cfg = load(args, extra)
     from clt_lens.cache import CacheConfig, generate_cache
     from clt_lens.circuits.attribution import attribute_prompt
     from clt_lens.circuits.export import write_circuit_tracer_set
@@ -67,47 +86,47 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from clt_lens.training import CLTTrainingRunner, TrainConfig
     from clt_lens.training.cli import resolve_config_path
 
-    out = Path(args.out)
-    if args.fresh and out.exists():
+    out = Path(cfg.out_dir)
+    if cfg.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     no_dashboards = _dashboards_unavailable()
     if no_dashboards:
         print(f"note: the SAE-Dashboard pages will be skipped. {no_dashboards}", flush=True)
     st = _Stages()
-    model = load_model("embedded", device=args.device)
+    model = load_model("embedded", device=cfg.device)
 
     st.start("1/7 activation cache")
     cache_dir = out / "cache"
     generate_cache(
-        CacheConfig(out_dir=str(cache_dir), n_tokens=args.cache_tokens, device=args.device),
+        CacheConfig(out_dir=str(cache_dir), n_tokens=cfg.cache_tokens, device=cfg.device),
         model=model,
     )
     st.done()
 
     st.start("2/7 training")
     overrides = {"cache_dir": str(cache_dir), "out_dir": str(out / "train"),
-                 "device": args.device}
-    if args.steps:
-        overrides["n_steps"] = args.steps
-    cfg = load_config(TrainConfig, resolve_config_path("demo"), overrides)
+                 "device": cfg.device}
+    if cfg.n_steps:
+        overrides["n_steps"] = cfg.n_steps
+    train_cfg = load_config(TrainConfig, resolve_config_path("demo"), overrides)
     final = out / "train" / "final"
-    if (final / "cfg.json").is_file() and not args.fresh:
+    if (final / "cfg.json").is_file() and not cfg.fresh:
         print(f"   reusing {final} (pass --fresh to retrain)")
     else:
-        CLTTrainingRunner(cfg, override_model=model).run()
+        CLTTrainingRunner(train_cfg, override_model=model).run()
     st.done()
 
     st.start("3/7 evaluation")
-    result = evaluate(final, model=model, n_tokens=args.eval_tokens, out_dir=out / "eval",
-                      device=args.device, density_tokens=args.density_tokens)
+    result = evaluate(final, model=model, n_tokens=cfg.eval_tokens, out_dir=out / "eval",
+                      device=cfg.device, density_tokens=cfg.density_tokens)
     print(markdown_table(result))
     st.done()
 
     st.start("4/7 feature statistics and exports")
     features_dir = out / "features"
-    compute_feature_stats(final, model=model, n_tokens=args.feature_tokens,
-                          out_dir=features_dir, device=args.device)
+    compute_feature_stats(final, model=model, n_tokens=cfg.feature_tokens,
+                          out_dir=features_dir, device=cfg.device)
     chosen = _choose_features(features_dir)
     autointerp = _maybe_autointerp(features_dir, chosen)
     dashboards: dict[int, Path] = {}
@@ -125,9 +144,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     st.done()
 
     st.start("6/7 attribution graph")
-    graph = attribute_prompt(ct_dir, args.prompt, model=model, max_feature_nodes=200,
+    graph = attribute_prompt(ct_dir, cfg.prompt, model=model, max_feature_nodes=200,
                              out_dir=out / "graphs", features_dir=features_dir,
-                             device=args.device)
+                             device=cfg.device)
     print(f"   {graph.n_nodes} nodes, {graph.n_edges} edges after pruning; "
           f"replacement {graph.replacement_score:.3f}, "
           f"completeness {graph.completeness_score:.3f}")

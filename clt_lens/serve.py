@@ -34,11 +34,9 @@ this feature"); ``/help.html`` holds the instructions. A missing feature page is
 
 from __future__ import annotations
 
-import argparse
 import http.server
 import json
 import re
-import sys
 import threading
 import urllib.parse
 from pathlib import Path
@@ -52,7 +50,6 @@ from clt_lens.vendor_js import (
     SCRIPTS,
     VIEWER_SCRIPTS,
     ScriptsError,
-    default_js_dir,
     find_js_dir,
     install_js,
 )
@@ -424,64 +421,3 @@ def serve(
 
 
 # -- CLI -----------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", nargs="?", help="folder of graphs written by 'clt-lens attribute'")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="interface to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--js-dir", default=None,
-                        help="folder with the viewer's scripts for offline use "
-                        f"({', '.join(VIEWER_JS)}); default: $CLT_LENS_VIEWER_JS or "
-                        f"{default_js_dir()}")
-    parser.add_argument("--install-js", action="store_true",
-                        help="fetch those scripts, and the ones feature dashboards inline, from "
-                        "the npm registry first (pinned versions, sha256-checked; needs npm)")
-    parser.add_argument("--read-only", action="store_true",
-                        help="disable interventions (the page only shows graphs)")
-    parser.add_argument("--clt", default=None,
-                        help="transcoders for interventions (CLT checkpoint or circuit-tracer "
-                        "set); default: what each graph's metadata names")
-    parser.add_argument("--model", default=None,
-                        help="model for interventions (load_model name or folder); default: "
-                        "what each graph's metadata names")
-    parser.add_argument("--device", default="cpu", help="device for interventions")
-    parser.add_argument("--verbose", action="store_true", help="log every request")
-
-
-def run(args: argparse.Namespace, extra: list[str]) -> int:
-    if extra:
-        raise CircuitsError(f"unknown arguments {extra}")
-    if args.install_js:
-        where = install_viewer_js(args.js_dir)
-        print(f"viewer and dashboard scripts installed in {where}")
-        if args.dir is None:
-            return 0
-    if args.dir is None:
-        raise CircuitsError("give the graph folder: clt-lens serve DIR")
-    d = check_data_dir(args.dir)
-    js = find_viewer_js(args.js_dir)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: binding {args.host} serves {d} to other machines"
-              + ("" if args.read_only else ", and lets them run interventions (--read-only "
-                 "turns those off)"), file=sys.stderr)
-    if js is None:
-        print("note: no local viewer scripts (d3, dagre, pako): the page loads them from CDNs. "
-              "Offline, run 'clt-lens serve --install-js' once.", file=sys.stderr)
-    if args.clt is not None and not Path(args.clt).expanduser().exists():
-        raise CircuitsError(f"--clt {args.clt!r} does not exist")
-    url_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-    print(f"serving {d} at http://{url_host}:{args.port}/  (Ctrl-C stops)")
-    print("interventions: off (--read-only)" if args.read_only else
-          "interventions: on (the transcoders and model a graph names load on its first run; "
-          "--read-only turns them off)", flush=True)
-    try:
-        serve(d, host=args.host, port=args.port, js_dir=args.js_dir, background=False,
-              verbose=args.verbose, read_only=args.read_only, clt=args.clt, model=args.model,
-              device=args.device)
-    except KeyboardInterrupt:
-        pass
-    except OSError as e:
-        raise CircuitsError(f"cannot listen on {args.host}:{args.port}: {e}") from e
-    return 0

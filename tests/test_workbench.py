@@ -408,12 +408,12 @@ def test_serve_cli_options(setup, tmp_path, capsys):
     import argparse
 
     from clt_lens.cli import main
-    from clt_lens.serve import add_arguments
+    from clt_lens.serve_cli import add_arguments, load
 
     assert main(["serve", str(setup["out"]), "--clt", str(tmp_path / "missing")]) == 2
     assert "--clt" in capsys.readouterr().err
     p = argparse.ArgumentParser()
     add_arguments(p)
-    args = p.parse_args([str(setup["out"]), "--read-only", "--model", "embedded",
-                         "--device", "cpu"])
-    assert args.read_only and args.model == "embedded" and args.host == "127.0.0.1"
+    cfg = load(*p.parse_known_args([str(setup["out"]), "--read-only", "--model", "embedded",
+                                    "--device", "cpu"]))
+    assert cfg.read_only and cfg.model == "embedded" and cfg.host == "127.0.0.1"

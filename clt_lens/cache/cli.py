@@ -19,6 +19,8 @@ from clt_lens.cache.generate import CacheConfig
 from clt_lens.cli_args import add_config_arguments, config_from_args, reject_unknown
 from clt_lens.config import ConfigError
 
+CONFIG = CacheConfig
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = ("clt-lens cache [CONFIG.yaml] [--field value ...] [--job-index I --num-jobs N]"

@@ -68,7 +68,7 @@ class CacheConfig:
     allocation: Literal["channel", "layer"] = "channel"  # errbound: what the bound covers
     exclude_bos: bool = True  # drop BOS positions (see the module docstring for why)
     bos_token_id: int | None = None  # default: the tokenizer's BOS (else EOS) id
-    pad_token_id: int | None = None
+    pad_token_id: int | None = None  # positions holding it are dropped; default: none
     out_dir: str = ""  # the cache directory (local path or fsspec URL such as s3://b/c)
     seed: int = 0  # seeds the dataset's shuffle
     device: str = "cpu"  # where the model runs

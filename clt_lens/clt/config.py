@@ -54,11 +54,11 @@ class CLTSpec:
     # JumpReLU: thresholds and bandwidth are in normalised space, where activations have
     # mean squared norm d (coordinates of order 1).
     jumprelu_init_threshold: float = 0.03
-    jumprelu_bandwidth: float = 0.05
+    jumprelu_bandwidth: float = 0.05  # width of the pseudo-derivative's rectangle kernel
     # False: the pseudo-derivative reaches the threshold only (DeepMind's JumpReLU);
     # True: also the pre-activation, hence the encoder (Anthropic's setup).
     jumprelu_ste_to_input: bool = False
-    sparsity_penalty: Literal["tanh", "l1"] = "tanh"
+    sparsity_penalty: Literal["tanh", "l1"] = "tanh"  # penalty on decoder-norm-scaled activations
     # The MSE sums over d (and layers), so useful values grow with d_in: on a toy d=32 CLT,
     # 0.1 -> L0 ~15 per layer at FVU 0.01, 1.0 -> L0 ~2 at FVU 0.2; the demo (d=128) uses 0.3.
     # Training warms it up over sparsity_warmup_steps.

@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from clt_lens.cli_args import add_config_arguments, add_positionals, command_config
 from clt_lens.errors import CLTLensError, InputError
 from clt_lens.features.format import iter_features, manifest_layers, read_manifest
 from clt_lens.features.neuronpedia import (
@@ -204,6 +207,26 @@ def upload_features(
 # CLI
 
 
+@dataclass
+class UploadConfig:
+    features_dir: str  # directory written by 'clt-lens features'
+    model_id: str | None = None  # Neuronpedia model id; default: the manifest's model
+    # source set name (default: the manifest's sourceset), or one source '{layer}-{set}'
+    source: str | None = None
+    layers: list[int] | None = None  # source layers to send (comma-separated); default: all
+    api_key: str | None = None  # default: $NEURONPEDIA_API_KEY; never written to any file
+    # API root, e.g. http://localhost:3000/api; default: $NEURONPEDIA_BASE_URL, else the
+    # neuronpedia package's
+    base_url: str | None = None
+    batch_size: int = MAX_FEATURES_PER_BATCH  # features per request (Neuronpedia's limit: 128)
+    explanations: bool = True  # send autointerp explanations
+    dry_run: bool = False  # build the payloads, send nothing
+
+
+CONFIG = UploadConfig
+POSITIONALS = ("features_dir",)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Upload a features directory to Neuronpedia (one source per CLT source layer, "
@@ -211,43 +234,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(the neuronpedia package's switch to http://localhost:3000/api), NEURONPEDIA_BASE_URL "
         "(any other API root)."
     )
-    parser.add_argument("features_dir", metavar="FEATURES_DIR")
-    parser.add_argument("--model-id", default=None,
-                        help="Neuronpedia model id (default: the manifest's model)")
-    parser.add_argument("--source", default=None,
-                        help="source set name (default: the manifest's sourceset), or one "
-                             "source '{layer}-{set}'")
-    parser.add_argument("--layers", default=None, help="comma-separated source layers")
-    parser.add_argument("--api-key", default=None, help="default: $NEURONPEDIA_API_KEY")
-    parser.add_argument("--base-url", default=None,
-                        help=f"API root, e.g. http://localhost:3000/api (default: ${BASE_URL_ENV}, "
-                             "else the neuronpedia package's)")
-    parser.add_argument("--batch-size", type=int, default=MAX_FEATURES_PER_BATCH,
-                        help=f"features per request (<= {MAX_FEATURES_PER_BATCH})")
-    parser.add_argument("--no-explanations", action="store_true",
-                        help="do not send autointerp explanations")
-    parser.add_argument("--dry-run", action="store_true", help="build the payloads, send nothing")
+    parser.usage = "clt-lens upload [CONFIG.yaml] FEATURES_DIR [--field value ...]"
+    add_positionals(parser, *POSITIONALS)
+    add_config_arguments(parser, UploadConfig)
+    # the first CLI's switch; its meaning is inverted, so it is an alias, not a renamed key
+    parser.add_argument("--no-explanations", dest="explanations", action="store_const",
+                        const=False, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    if text is None or not text.strip():
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--layers {text!r}: expected comma-separated integers") from None
+def load(args: argparse.Namespace, extra: Sequence[str]) -> UploadConfig:
+    return command_config(UploadConfig, args, extra, "upload", POSITIONALS)
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    if extra:
-        raise InputError(f"unknown arguments {list(extra)} (see 'clt-lens upload --help')")
+    cfg = load(args, extra)
     try:
-        summary = upload_features(
-            args.features_dir, model_id=args.model_id, source=args.source,
-            layers=parse_layers(args.layers), api_key=args.api_key, base_url=args.base_url,
-            batch_size=args.batch_size, explanations=not args.no_explanations,
-            dry_run=args.dry_run,
-        )
+        summary = upload_features(**dataclasses.asdict(cfg))
     except UploadError as e:
         print(f"clt-lens upload: {e}")
         return 1

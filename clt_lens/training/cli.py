@@ -30,6 +30,9 @@ def resolve_config_path(name: str | None) -> Path | None:
     raise MissingFileError(f"config {name!r} is neither a file nor a packaged config {choices}")
 
 
+CONFIG = TrainConfig
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.usage = "clt-lens train [CONFIG.yaml | PACKAGED_NAME] [--resume DIR] [--field value ...]"
     p.add_argument("config", nargs="?", metavar="CONFIG",

@@ -43,20 +43,21 @@ class TrainConfig:
     normalization_tokens: int = 8192  # tokens used to estimate the per-layer scales
     # --- optimisation ----------------------------------------------------------------------
     batch_size: int = 1024  # tokens per optimizer step (split over grad_accum micro-batches)
-    grad_accum: int = 1
-    n_steps: int = 1000
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    n_steps: int = 1000  # optimizer steps
     lr: float = 1e-3  # Adam learning rate (peak, after warm-up)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.999  # Adam beta2
     adam_fused: bool = True  # torch's fused Adam kernel on CPU/CUDA: ~4x faster step on CPU
-    lr_warmup_steps: int = 50
-    lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_warmup_steps: int = 50  # linear learning-rate warm-up from 0
+    lr_decay: Literal["cosine", "linear", "constant"] = "cosine"  # schedule after warm-up
     lr_decay_start: float = 0.5  # fraction of training after which decay begins
     lr_end_factor: float = 0.1  # the lr decays to lr * lr_end_factor
     sparsity_warmup_steps: int = 200  # clt.sparsity_coeff ramps up linearly over these steps
     grad_clip: float = 1.0  # global norm; <= 0 disables
     autocast: Literal["none", "bf16", "fp16"] = "none"  # bf16/fp16: CUDA; fp32 is fastest on CPU
     l0_target: float | None = None  # mean L0 per layer; reached -> l0_target_action
+    # on reaching l0_target: write a checkpoint and go on, or stop the run there
     l0_target_action: Literal["checkpoint", "stop"] = "checkpoint"
     seed: int = 0  # seeds the CLT's initialisation and the data order
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...; torchrun ranks take their local GPU
@@ -70,9 +71,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0 = only the final checkpoint
     keep_checkpoints: int = 2  # the newest checkpoints kept (older ones are deleted)
     wandb: bool = False  # also log to Weights & Biases
-    wandb_project: str = "clt-lens"
+    wandb_project: str = "clt-lens"  # Weights & Biases project
     progress: bool = True  # tqdm progress bar
     # --- distribution (torchrun) -------------------------------------------------------------
+    # under torchrun: ddp splits the batch, feature the features, 2d both
     distributed: Literal["none", "ddp", "feature", "2d"] = "none"
     feature_parallel_size: int = 1  # ranks per feature group ("feature": world size; "2d": set)
     # How data-parallel ranks split the data: "shards" (each reads its own cache shards / stream

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from clt_lens.cli_args import add_config_arguments, add_positionals, command_config
 from clt_lens.clt.storage import (
     WEIGHTS_STEM,
     TensorReader,
@@ -21,7 +24,7 @@ from clt_lens.clt.storage import (
     is_sharded,
     write_safetensors_streaming,
 )
-from clt_lens.errors import InputError
+from clt_lens.config import ConfigError
 from clt_lens.fsutil import fsync_dir
 from clt_lens.training import checkpoint as ckpt_io
 
@@ -61,22 +64,44 @@ def consolidate(ckpt: str | Path, out: str | Path, *, chunk_bytes: int = CHUNK_B
     return out
 
 
+@dataclass
+class ConsolidateConfig:
+    checkpoint: str  # a run directory (its newest checkpoint) or a checkpoint
+    # output folder; default: RUN/final for a run directory, else CHECKPOINT-consolidated
+    out_dir: str | None = None
+    # bytes of weights read per step (at least one layer of W_enc): the memory it needs
+    chunk_bytes: int = CHUNK_BYTES
+
+    renamed_keys: ClassVar[dict[str, str]] = {"out": "out_dir"}
+
+    def validate(self) -> None:
+        if self.chunk_bytes < 1:
+            raise ConfigError(f"config key 'chunk_bytes' must be >= 1, got {self.chunk_bytes}")
+
+
+CONFIG = ConsolidateConfig
+POSITIONALS = ("checkpoint",)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint")
-    p.add_argument("--out", help="output folder (default: RUN/final for a run directory, "
-                   "else CHECKPOINT-consolidated)")  # fmt: skip
+    p.usage = "clt-lens consolidate [CONFIG.yaml] CHECKPOINT [--field value ...]"
+    add_positionals(p, *POSITIONALS)
+    add_config_arguments(p, ConsolidateConfig)
+
+
+def load(args: argparse.Namespace, extra: list[str]) -> ConsolidateConfig:
+    return command_config(ConsolidateConfig, args, extra, "consolidate", POSITIONALS)
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    if extra:
-        raise InputError(f"unexpected arguments {extra}")
-    src = ckpt_io.resolve_checkpoint(args.checkpoint)
-    given = Path(args.checkpoint)
-    if args.out:
-        out = Path(args.out)
+    cfg = load(args, extra)
+    src = ckpt_io.resolve_checkpoint(cfg.checkpoint)
+    given = Path(cfg.checkpoint)
+    if cfg.out_dir:
+        out = Path(cfg.out_dir)
     elif given.resolve() != src.resolve():
         out = given / "final"
     else:
         out = src.with_name(src.name + "-consolidated")
-    print(f"consolidated {src} -> {consolidate(src, out)}")
+    print(f"consolidated {src} -> {consolidate(src, out, chunk_bytes=cfg.chunk_bytes)}")
     return 0
