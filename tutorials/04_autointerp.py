@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     #    per feature the top_k strongest contexts (a window of tokens around the peak) and
     #    examples from n_quantiles activation bands are kept with bounded memory. The
     #    directory: features.json (manifest) + layer_LL.jsonl (one record per feature).
-    #    `clt-lens features CHECKPOINT --tokens N --out DIR` is the same.
+    #    `clt-lens features CHECKPOINT --n_tokens N --out_dir DIR` is the same.
     # ------------------------------------------------------------------------------------
     print("\n== 1. feature statistics ==")
     features_dir = compute_feature_stats(

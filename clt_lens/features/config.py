@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from clt_lens.config import ConfigError
 from clt_lens.features.format import DEFAULT_SOURCESET
@@ -12,31 +13,40 @@ from clt_lens.features.format import DEFAULT_SOURCESET
 class FeaturesConfig:
     """Settings of ``clt-lens features`` (every field is also a ``--key value`` override)."""
 
-    checkpoint: str = ""
-    # load_model name or folder; None = the checkpoint's metadata.model_name, else "embedded"
+    checkpoint: str = ""  # CLT SAELens folder (e.g. runs/demo/final) or training run
+    # load_model name or folder; default: the checkpoint's metadata.model_name, else "embedded"
     model: str | None = None
-    dataset: str = "embedded"
-    split: str = "heldout"
-    n_tokens: int = 100_000
+    dataset: str = "embedded"  # text to run over (see clt_lens.data)
+    split: str = "heldout"  # dataset split
+    n_tokens: int = 100_000  # tokens to run over
     batch_size: int = 32  # sequences per forward pass
-    context_size: int | None = None  # None: the checkpoint's, else the model's n_ctx
-    top_k: int = 20
-    n_quantiles: int = 5
-    examples_per_quantile: int = 5
-    n_negative: int = 10
+    context_size: int | None = None  # default: the checkpoint's, else the model's n_ctx
+    top_k: int = 20  # top-activating examples kept per feature
+    n_quantiles: int = 5  # activation quantiles sampled for examples
+    examples_per_quantile: int = 5  # examples per quantile
+    n_negative: int = 10  # random non-activating examples per feature
     window: int = 32  # tokens per example context
     hist_bins: int = 64  # power of two; the written histogram keeps 1/2..1 of them
-    n_logits: int = 10
-    logits_hist_bins: int = 40
-    layers: list[int] | None = None  # source layers to describe; None = all
-    sourceset: str = DEFAULT_SOURCESET
-    text_column: str = "text"
-    seed: int = 0
-    device: str | None = None  # None: the model's device
-    out: str | None = None
-    dashboard: list[str] = field(default_factory=list)  # "LAYER:F1,F2" -> dashboard HTML
-    dashboard_sequences: int = 64
-    neuronpedia: bool = False
+    n_logits: int = 10  # top/bottom logits each feature promotes
+    logits_hist_bins: int = 40  # bins of the logit-effect histogram
+    layers: list[int] | None = None  # source layers to describe; default: all
+    sourceset: str = DEFAULT_SOURCESET  # Neuronpedia source-set name
+    text_column: str = "text"  # column of a JSON/parquet dataset holding the text
+    seed: int = 0  # seeds the choice of examples
+    device: str | None = None  # default: the model's device
+    out_dir: str | None = None  # features directory; default: CHECKPOINT/../features
+    # also render SAE-Dashboard HTML for these features ("LAYER:F1,F2"; on the command line
+    # --dashboard LAYER:F1,F2, repeatable)
+    dashboards: list[str] = field(default_factory=list)
+    dashboard_sequences: int = 64  # sequences SAE-Dashboard runs over
+    neuronpedia: bool = False  # also write Neuronpedia dashboard batches and the bulk export
+    neuronpedia_model_id: str | None = None  # Neuronpedia model id; default: the model name
+
+    # the option names of the first CLI and of older YAML files
+    renamed_keys: ClassVar[dict[str, str]] = {
+        "tokens": "n_tokens", "out": "out_dir", "dashboard": "dashboards",
+        "model_id": "neuronpedia_model_id",
+    }
 
     def validate(self) -> None:
         for name in ("n_tokens", "batch_size", "top_k", "window", "n_logits", "logits_hist_bins",

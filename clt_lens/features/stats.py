@@ -131,7 +131,7 @@ def compute_feature_stats(
         checkpoint="" if not isinstance(clt_or_checkpoint, str | Path) else str(clt_or_checkpoint),
         model=model if isinstance(model, str) or model is None else None,
         dataset=dataset, split=split, n_tokens=n_tokens, batch_size=batch_size, top_k=top_k,
-        n_quantiles=n_quantiles, layers=layers, device=device, out=str(out_dir), **options,
+        n_quantiles=n_quantiles, layers=layers, device=device, out_dir=str(out_dir), **options,
     )
     cfg.validate()
     return run_features(cfg, clt=clt_or_checkpoint, model=model, tokens=tokens, progress=progress)
@@ -147,9 +147,9 @@ def run_features(
     progress: bool = True,
 ) -> Path:
     """``compute_feature_stats`` from a ``FeaturesConfig`` (the CLI's entry point)."""
-    if cfg.out is None:
-        raise ConfigError("features config: out (the output directory) is required")
-    out_dir = Path(cfg.out).expanduser()
+    if cfg.out_dir is None:
+        raise ConfigError("features config: out_dir (the output directory) is required")
+    out_dir = Path(cfg.out_dir).expanduser()
 
     # --- resolve and check every input before any heavy work --------------------------------
     checkpoint: Path | None = None
