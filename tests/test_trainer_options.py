@@ -103,3 +103,33 @@ def test_bad_options(tmp_path: Path, bad):
 
     with pytest.raises(ConfigError):
         cfg(tmp_path, **bad).validate()
+
+
+def _as_written_before_sections(d: dict) -> dict:
+    """A train_config.json as runs wrote it before the source/clt sections existed."""
+    flat = {k: v for k, v in d.items() if k not in ("source", "clt")}
+    flat.update(d["source"])
+    flat.update({("sparsity_c" if k == "tanh_scale" else k): v for k, v in d["clt"].items()
+                 if k not in ("auxk", "topk_threshold_lr", "sparse_max_density")})
+    return flat
+
+
+def test_runs_written_before_the_config_sections_resume(tmp_path: Path):
+    """Checkpoints whose train_config.json has the old flat keys still resume, and the resume
+    check still compares their structural keys (under the new dotted names)."""
+    run_dir = tmp_path / "run"
+    c = cfg(run_dir, checkpoint_every=2, keep_checkpoints=5)
+    CLTTrainingRunner(c, override_source=toy_source(64),
+                      override_heldout=toy_source(64).next()).run()
+    files = sorted(run_dir.rglob("train_config.json"))
+    assert len(files) >= 2
+    for f in files:
+        f.write_text(json.dumps(_as_written_before_sections(json.loads(f.read_text()))))
+    ckpt = sorted((run_dir / "checkpoints").iterdir())[0]
+    more = cfg(run_dir, n_steps=6, checkpoint_every=2, keep_checkpoints=5)
+    CLTTrainingRunner(more, override_source=toy_source(64), resume=ckpt,
+                      override_heldout=toy_source(64).next()).run()
+    assert json.loads((run_dir / "train_config.json").read_text())["clt"]["d_sae"] == 32
+    other = cfg(tmp_path / "other", d_sae=48, n_steps=6)
+    with pytest.raises(ValueError, match="clt.d_sae: checkpoint=32 config=48"):
+        CLTTrainingRunner(other, override_source=toy_source(64), resume=ckpt)
