@@ -177,5 +177,5 @@ def test_replacement_model_matches_base_model(tmp_path, embedded_model, device):
     small = random_clt(embedded_model, d_sae=32, seed=5, fit_decoder=False)
     small_tc, _ = load_transcoders(write_circuit_tracer_set(small, tmp_path / "s2"))
     small_tc.n_layers = 3  # what a 3-layer set would report
-    with pytest.raises(CircuitsError, match="3 layers"):
+    with pytest.raises(CircuitsError, match=r"n_layers=3.*n_layers=4"):
         build_replacement_model(model, small_tc)

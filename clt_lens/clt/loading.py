@@ -155,8 +155,8 @@ def check_fits(model: Any, n_layers: int, d_model: int, what: str = "the CLT", *
     L, d = model.cfg.n_layers, model.cfg.d_model
     if n_layers != L or d_model != d:
         raise error(
-            f"{what} has n_layers={n_layers}, d_in={d_model} but the model has "
-            f"n_layers={L}, d_model={d}: they must match (one transcoder per MLP)"
+            f"{what} (n_layers={n_layers}, d_in={d_model}) does not fit the model "
+            f"(n_layers={L}, d_model={d}): they must match, one transcoder per MLP"
         )
     for role, name in zip(("input hook", "output hook"), hooks or ()):
         if name in extra_hooks:
