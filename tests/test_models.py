@@ -142,9 +142,8 @@ def test_embedded_deep_is_deeper_better_and_small():
     shallow = json.loads((EMBEDDED_DIR / "metrics.json").read_text())
     metrics = json.loads((deep_dir / "metrics.json").read_text())
     assert metrics["heldout_documents"] == shallow["heldout_documents"]
-    # lower, but only by 0.014 nats: 1.5M tokens of Shakespeare limit both models more than
-    # depth does (the deep model is there for depth: 8 layers for errors to compound over)
-    assert metrics["heldout_ce_nats"] < shallow["heldout_ce_nats"]
+    # clearly lower (4.21 vs 4.39 nats as built): a stronger model, not only a deeper one
+    assert metrics["heldout_ce_nats"] < shallow["heldout_ce_nats"] - 0.1
     rows = load_tokens("embedded", tokenizer=deep.tokenizer, context_size=128, split="heldout",
                        max_tokens=128 * 48, seed=0)
     with torch.no_grad():

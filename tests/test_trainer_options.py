@@ -125,7 +125,7 @@ def test_runs_written_before_the_config_sections_resume(tmp_path: Path):
     assert len(files) >= 2
     for f in files:
         f.write_text(json.dumps(_as_written_before_sections(json.loads(f.read_text()))))
-    ckpt = sorted((run_dir / "checkpoints").iterdir())[0]
+    ckpt = sorted(p for p in (run_dir / "checkpoints").iterdir() if p.is_dir())[0]
     more = cfg(run_dir, n_steps=6, checkpoint_every=2, keep_checkpoints=5)
     CLTTrainingRunner(more, override_source=toy_source(64), resume=ckpt,
                       override_heldout=toy_source(64).next()).run()

@@ -45,7 +45,7 @@ def layer_transcoder(clt: CrossLayerTranscoder, layer: int) -> Transcoder:
             if act.converts_to_jumprelu else ""
         )
         raise InputError(
-            f"a {act.name!r} CLT has no per-layer transcoder view (its activation is not "
+            f"a {act.label} CLT has no per-layer transcoder view (its activation is not "
             f"elementwise){hint}"
         )
     folded = clt.folded_weights()
