@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Sequence
 
 from clt_lens.cache.generate import CacheConfig
-from clt_lens.cli_args import add_config_arguments, config_from_args, reject_unknown
+from clt_lens.cli_args import add_config_arguments, command_config, reject_unknown
 from clt_lens.config import ConfigError
 
 CONFIG = CacheConfig
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     from clt_lens.cache import generate_cache, inspect, merge_cache
 
-    reject_unknown(extra, "cache")
+    reject_unknown([w for w in extra if w.startswith("-")], "cache")  # --merge/--inspect too
     if args.inspect:
         print(inspect(args.inspect))
         return 0
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         return 0
     if args.config is None and not hasattr(args, "out_dir"):
         raise ConfigError("give a config file and/or --field value options (at least --out_dir)")
-    cfg = config_from_args(CacheConfig, args, args.config)
+    cfg = command_config(CacheConfig, args, extra, "cache", config=args.config)
     manifest = generate_cache(cfg, job_index=args.job_index, num_jobs=args.num_jobs)
     if manifest is not None:
         print(inspect(cfg.out_dir))

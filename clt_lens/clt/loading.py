@@ -158,12 +158,12 @@ def check_fits(model: Any, n_layers: int, d_model: int, what: str = "the CLT", *
             f"{what} (n_layers={n_layers}, d_in={d_model}) does not fit the model "
             f"(n_layers={L}, d_model={d}): they must match, one transcoder per MLP"
         )
+    valid = valid_hook_names(model) if hooks else []
     for role, name in zip(("input hook", "output hook"), hooks or ()):
         if name in extra_hooks:
             continue
         if name.startswith("blocks."):
             raise error(f"{what}'s {role} {name!r} must be block-relative (no 'blocks.{{l}}.')")
-        valid = valid_hook_names(model)
         if name not in valid:
             raise error(f"{what}'s {role} {name!r} is not a hook of the model's blocks; "
                         f"valid block-relative names: {list(valid) + list(extra_hooks)}")

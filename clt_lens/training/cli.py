@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from clt_lens.cli_args import add_config_arguments, config_from_args, reject_unknown
+from clt_lens.cli_args import add_config_arguments, command_config, reject_unknown
 from clt_lens.errors import MissingFileError
 from clt_lens.training.config import TrainConfig
 
@@ -49,8 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from clt_lens.training.runner import CLTTrainingRunner
 
-    reject_unknown(extra, "train")
-    cfg = config_from_args(TrainConfig, args, resolve_config_path(args.config))
+    reject_unknown([w for w in extra if w.startswith("-")], "train")  # before reading CONFIG
+    cfg = command_config(TrainConfig, args, extra, "train",
+                         config=resolve_config_path(args.config))
     runner = CLTTrainingRunner(cfg, resume=args.resume)
     runner.run()
     if runner.par.is_main:
