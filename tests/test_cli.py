@@ -2,10 +2,12 @@
 
 import argparse
 import importlib
+import operator
 
 import pytest
 
 from clt_lens.cli import COMMANDS, main
+from clt_lens.config import ConfigError
 
 
 def test_help_lists_every_command(capsys):
@@ -159,6 +161,22 @@ SPELLINGS = [
       "--out_dir", "o", "--device", "cpu"],
      {"checkpoint": "runs/demo/final", "n_tokens": 400, "layers": [0, 2], "neuronpedia": True,
       "neuronpedia_model_id": "tiny", "dashboards": ["2:1,3", "0:5"], "out_dir": "o"}),
+    # the source section: the flat spellings of eval and features (YAML and options alike)
+    ("eval", ["ck", "--model", "gpt2", "--dataset", "data/", "--split", "val", "--context_size",
+              "64", "--input_hook", "hook_resid_mid"],
+     ["ck", "--source.model", "gpt2", "--source.dataset", "data/", "--source.split", "val",
+      "--source.context_size", "64", "--source.input_hook", "hook_resid_mid"],
+     {"source.model": "gpt2", "source.dataset": "data/", "source.split": "val",
+      "source.context_size": 64, "source.input_hook": "hook_resid_mid",
+      "source.output_hook": "auto"}),
+    ("eval", ["ck"], ["ck", "--source.split", "heldout"],
+     {"source.model": None, "source.dataset": None, "source.context_size": None}),
+    ("features", ["ck", "--model", "embedded", "--dataset", "d", "--split", "train",
+                  "--context-size", "32", "--output_hook", "hook_mlp_out"],
+     ["ck", "--source.model", "embedded", "--source.dataset", "d", "--source.split", "train",
+      "--source.context_size", "32", "--source.output_hook", "hook_mlp_out"],
+     {"source.model": "embedded", "source.dataset": "d", "source.split": "train",
+      "source.context_size": 32, "source.output_hook": "hook_mlp_out"}),
     ("demo", ["--out", "d", "--cache-tokens", "16384", "--steps", "30", "--feature-tokens",
               "4096", "--eval-tokens", "1024", "--fresh", "--device", "cuda"],
      ["--out_dir", "d", "--cache_tokens", "16384", "--n_steps", "30", "--feature_tokens",
@@ -172,15 +190,24 @@ SPELLINGS = [
 def test_old_spellings_parse_to_the_same_config(name, old, new, fields):
     got_old, got_new = _parse(name, old), _parse(name, new)
     assert got_old == got_new
-    assert {k: getattr(got_new, k) for k in fields} == fields
+    assert {k: operator.attrgetter(k)(got_new) for k in fields} == fields
 
 
 def test_config_file_positionals_and_options(tmp_path):
     """YAML file < options; positionals fill fields; the first CLI's --config FILE works."""
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text("checkpoint: from_yaml\nn_tokens: 7\nsplit: train\n")
+    cfg.write_text("checkpoint: from_yaml\nn_tokens: 7\nsplit: train\n")  # flat split: old
     got = _parse("eval", [str(cfg), "--tokens", "5"])
-    assert (got.checkpoint, got.n_tokens, got.split) == ("from_yaml", 5, "train")
+    assert (got.checkpoint, got.n_tokens, got.source.split) == ("from_yaml", 5, "train")
+    new = tmp_path / "new.yaml"
+    new.write_text("checkpoint: c\nsource: {split: train, dataset: d}\n")
+    assert _parse("features", [str(new)]).source == _parse(
+        "features", ["c", "--split", "train", "--dataset", "d"]).source
+    assert _parse("eval", [str(new), "--split", "val"]).source.split == "val"  # option wins
+    both = tmp_path / "both.yaml"
+    both.write_text("checkpoint: c\nsplit: a\nsource: {split: b}\n")
+    with pytest.raises(ConfigError, match="'split' and 'source.split' both given"):
+        _parse("eval", [str(both)])
     assert _parse("eval", [str(cfg), "ckpt"]).checkpoint == "ckpt"
     assert _parse("eval", ["--tokens", "5", "ckpt"]).checkpoint == "ckpt"  # words after options
     ai = tmp_path / "ai.yaml"

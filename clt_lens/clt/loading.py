@@ -74,6 +74,22 @@ def read_clt_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def training_dataset(path: Any) -> str | None:
+    """The dataset the CLT at ``path`` was trained on, from its run's ``train_config.json`` (in
+    the folder, its ``final/`` or its parent); None for an in-memory CLT or without the file."""
+    if not isinstance(path, (str, Path)):
+        return None
+    for cand in (
+        Path(path) / "train_config.json",
+        Path(path) / "final" / "train_config.json",
+        Path(path).parent / "train_config.json",
+    ):
+        if cand.is_file():
+            saved = json.loads(cand.read_text())  # a "source" section, or flat (older runs)
+            return saved.get("source", {}).get("dataset", saved.get("dataset"))
+    return None
+
+
 def load_clt(clt_or_path: Any, *, device: str | torch.device = "cpu") -> Any:
     """A ``CrossLayerTranscoder``: returned as is, or loaded from a checkpoint path.
 

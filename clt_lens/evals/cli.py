@@ -21,8 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # the first CLI's switch; its meaning is inverted, so it is an alias, not a renamed key
     p.add_argument("--no-single-layer", dest="single_layer_splices", action="store_const",
                    const=False, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # fmt: skip
-    p.epilog = "Old spellings still work: --tokens, --out, --graphs, --graph-max-nodes, " \
-               "--ablate, --no-single-layer."
+    p.epilog = "Old spellings still work: --model, --dataset, --split, --context_size (now " \
+               "--source.*), --tokens, --out, --graphs, --graph-max-nodes, --ablate, " \
+               "--no-single-layer."
 
 
 def load(args: argparse.Namespace, extra: list[str]) -> EvalConfig:
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     out = Path(cfg.out_dir) if cfg.out_dir else Path(cfg.checkpoint) / "eval"
     kwargs = dataclasses.asdict(cfg)
     kwargs.pop("checkpoint")
+    kwargs.update(kwargs.pop("source"))  # evaluate() takes the source fields as keywords
     kwargs["out_dir"] = out
     result = evaluate(cfg.checkpoint, **kwargs)
     print(markdown_table(result))

@@ -1,20 +1,25 @@
-"""EvalConfig: what ``clt-lens eval`` measures and where it writes, one field per option."""
+"""EvalConfig: what ``clt-lens eval`` measures and where it writes, one field per option.
+
+Where the activations come from is the ``source`` section shared with the other commands
+(:class:`~clt_lens.source_config.CheckpointSourceConfig`: unset, it is what the CLT was trained
+on); the flat ``--model``, ``--dataset``, ``--split``, ``--context_size`` of the first CLI still
+work."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from clt_lens.config import ConfigError
+from clt_lens.source_config import SOURCE_RENAMES, CheckpointSourceConfig
 
 
 @dataclass
 class EvalConfig:
     checkpoint: str  # CLT SAELens folder or training run directory
-    # model name or folder; default: the one the CLT was trained on
-    model: str | None = None
-    dataset: str | None = None  # dataset; default: the one the CLT was trained on
-    split: str = "heldout"  # dataset split the metrics are measured on
+    # the model, dataset, split, context size and hooks the metrics are measured on; each
+    # defaults to what the CLT was trained on (the split to "heldout")
+    source: CheckpointSourceConfig = field(default_factory=CheckpointSourceConfig)
     n_tokens: int = 16384  # tokens for FVU/L0/CE/KL
     batch_size: int = 16  # sequences per forward pass
     # also splice each layer's reconstruction alone (per-layer CE/KL); false skips it
@@ -33,6 +38,7 @@ class EvalConfig:
 
     # the option names of the first CLI (``--tokens``, ``--out``, ``--graphs``, ...)
     renamed_keys: ClassVar[dict[str, str]] = {
+        **SOURCE_RENAMES,
         "tokens": "n_tokens", "out": "out_dir", "graphs": "graph_prompts",
         "graph_max_nodes": "graph_max_feature_nodes", "ablate": "graph_ablate",
     }
@@ -40,6 +46,7 @@ class EvalConfig:
     def validate(self) -> None:
         if not self.checkpoint:
             raise ConfigError("config key 'checkpoint' must name a CLT checkpoint")
+        self.source.validate()
         for key in ("n_tokens", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")

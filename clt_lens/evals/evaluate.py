@@ -17,27 +17,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from clt_lens.clt.loading import check_compatible, load_clt, model_for
+from clt_lens.clt.loading import check_compatible, load_clt, model_for, training_dataset
 from clt_lens.errors import CLTLensError
 from clt_lens.evals.metrics import CEStats, LayerStats, ce_recovered, kl_div, token_ce
+from clt_lens.source_config import CheckpointSourceConfig
 
 
 class EvalError(CLTLensError, ValueError):
     """The checkpoint, model or data cannot be evaluated together."""
-
-
-def _training_dataset(path: Any) -> str | None:
-    if not isinstance(path, (str, Path)):
-        return None
-    for cand in (
-        Path(path) / "train_config.json",
-        Path(path) / "final" / "train_config.json",
-        Path(path).parent / "train_config.json",
-    ):
-        if cand.is_file():
-            saved = json.loads(cand.read_text())  # a "source" section, or flat (older runs)
-            return saved.get("source", {}).get("dataset", saved.get("dataset"))
-    return None
 
 
 @torch.no_grad()
@@ -47,6 +34,9 @@ def evaluate(
     model: Any = None,
     dataset: str | None = None,
     split: str = "heldout",
+    context_size: int | None = None,
+    input_hook: str = "auto",
+    output_hook: str = "auto",
     n_tokens: int = 16384,
     batch_size: int = 16,
     single_layer_splices: bool = True,
@@ -60,19 +50,30 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a CLT on held-out tokens; write eval.json + plots to ``out_dir`` if given.
 
+    ``model``, ``dataset``, ``split``, ``context_size``, ``input_hook``, ``output_hook``: the
+    fields of :class:`~clt_lens.source_config.CheckpointSourceConfig` (the ``source`` section of
+    ``clt-lens eval``); ``model`` may also be a HookedTransformer. Unset, they are what the CLT
+    was trained on; hooks other than the CLT's own are refused before the model is loaded.
     ``density_tokens`` > 0: also count feature firing over that many tokens of ``split`` (at
     most what the split has): ``feature_density``. ``graph_prompts``: a number of held-out
     prompts (``heldout_prompts``) or a list of prompts to attribute: ``graphs``, with
     ``graph_max_feature_nodes`` (circuit-tracer's cap; None = every active feature) and
     ``graph_ablate`` features ablated per graph for the faithfulness score.
     """
-    from clt_lens.activations import HookSpec, collect_activations
+    from clt_lens.activations import collect_activations
     from clt_lens.clt.splice import run_with_clt
     from clt_lens.data import load_tokens
 
-    dataset = dataset or _training_dataset(clt) or "embedded"
+    source = CheckpointSourceConfig(
+        model=None if model is None or not isinstance(model, str | Path) else str(model),
+        dataset=dataset, split=split, context_size=context_size, input_hook=input_hook,
+        output_hook=output_hook,
+    )
+    source.validate()
+    dataset = dataset or training_dataset(clt) or "embedded"
     clt_path = clt if isinstance(clt, (str, Path)) else None
     clt = load_clt(clt, device=device)
+    hooks = source.trained_hooks(*_hook_names(clt))  # before the model is loaded
     by_name = model is None or isinstance(model, str | Path)
     model, model_name = model_for(clt, model, device)
     check_compatible(clt, model, model_name if by_name else None)
@@ -85,7 +86,10 @@ def evaluate(
     if graph_ablate < 0 or (graph_max_feature_nodes is not None and graph_max_feature_nodes < 1):
         raise EvalError("graph_ablate must be >= 0 and graph_max_feature_nodes positive or None")
     window = training_window_deadness(clt_path)
-    ctx = int(getattr(clt.cfg.metadata, "context_size", None) or model.cfg.n_ctx)
+    if context_size is not None and context_size > model.cfg.n_ctx:
+        raise EvalError(f"source.context_size {context_size} exceeds the model's "
+                        f"n_ctx={model.cfg.n_ctx}")
+    ctx = int(context_size or getattr(clt.cfg.metadata, "context_size", None) or model.cfg.n_ctx)
     ctx = min(ctx, model.cfg.n_ctx)
     n_seq = -(-n_tokens // ctx)
     tokens = load_tokens(
@@ -103,7 +107,6 @@ def evaluate(
             f"dataset {dataset!r} split {split!r} has {tokens.numel()} tokens, fewer than the "
             f"{n_seq * ctx} requested; ask for at most {tokens.numel()} tokens"
         )
-    hooks = HookSpec(*_hook_names(clt))
     L, F, d = clt.cfg.n_layers, clt.cfg.d_sae, clt.cfg.d_in
     layer_stats = LayerStats(L, F, d)
     ce = CEStats()
@@ -139,6 +142,7 @@ def evaluate(
         "model": model_name,
         "dataset": dataset,
         "split": split,
+        "context_size": ctx,
         "n_tokens_ce": ce.n,
         "n_tokens_reconstruction": layer_stats.n_tokens,
         "n_layers": L,

@@ -5,8 +5,10 @@ plus optional SAE-Dashboard HTML and Neuronpedia files.
         [--dashboard 0:1,5,9 ...] [--neuronpedia true [--neuronpedia_model_id ID]]
 
 The options are the fields of :class:`clt_lens.features.config.FeaturesConfig` (``--help``
-lists them); the first CLI's spellings (``--tokens``, ``--out``, ``--config FILE``,
-``--model-id``, ``--neuronpedia`` without a value) still work.
+lists them); the model, dataset, split, context size and hooks are the ``source`` section
+(``--source.dataset``). The first CLI's spellings (``--model``, ``--dataset``, ``--split``,
+``--context_size``, ``--tokens``, ``--out``, ``--config FILE``, ``--model-id``,
+``--neuronpedia`` without a value) still work.
 """
 
 from __future__ import annotations
@@ -93,11 +95,11 @@ def _dashboards(cfg: FeaturesConfig, out: Path) -> None:
 
     manifest = json.loads((out / "features.json").read_text(encoding="utf-8"))
     clt = load_clt(manifest["checkpoint"])
-    model, _ = model_for(clt, cfg.model, cfg.device)
+    model, _ = model_for(clt, cfg.source.model, cfg.device)
     clt = clt.to(next(model.parameters()).device)
     ctx = manifest["context_size"]
-    tokens = load_tokens(
-        cfg.dataset, tokenizer=model.tokenizer, context_size=ctx, split=cfg.split,
+    tokens = load_tokens(  # the text the statistics ran over (the source, resolved)
+        manifest["dataset"], tokenizer=model.tokenizer, context_size=ctx, split=manifest["split"],
         max_tokens=cfg.dashboard_sequences * ctx, seed=cfg.seed, text_column=cfg.text_column,
     )
     for spec in cfg.dashboards:

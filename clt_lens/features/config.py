@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from clt_lens.config import ConfigError
 from clt_lens.features.format import DEFAULT_SOURCESET
+from clt_lens.source_config import SOURCE_RENAMES, CheckpointSourceConfig
 
 
 @dataclass
@@ -14,13 +15,11 @@ class FeaturesConfig:
     """Settings of ``clt-lens features`` (every field is also a ``--key value`` override)."""
 
     checkpoint: str = ""  # CLT SAELens folder (e.g. runs/demo/final) or training run
-    # load_model name or folder; default: the checkpoint's metadata.model_name, else "embedded"
-    model: str | None = None
-    dataset: str = "embedded"  # text to run over (see clt_lens.data)
-    split: str = "heldout"  # dataset split
+    # the model, text (see clt_lens.data), split, context size and hooks to run; each defaults
+    # to what the CLT was trained on (the split to "heldout")
+    source: CheckpointSourceConfig = field(default_factory=CheckpointSourceConfig)
     n_tokens: int = 100_000  # tokens to run over
     batch_size: int = 32  # sequences per forward pass
-    context_size: int | None = None  # default: the checkpoint's, else the model's n_ctx
     top_k: int = 20  # top-activating examples kept per feature
     n_quantiles: int = 5  # activation quantiles sampled for examples
     examples_per_quantile: int = 5  # examples per quantile
@@ -42,13 +41,15 @@ class FeaturesConfig:
     neuronpedia: bool = False  # also write Neuronpedia dashboard batches and the bulk export
     neuronpedia_model_id: str | None = None  # Neuronpedia model id; default: the model name
 
-    # the option names of the first CLI and of older YAML files
+    # the option names of the first CLI and of older YAML files (flat model:, dataset: ...)
     renamed_keys: ClassVar[dict[str, str]] = {
+        **SOURCE_RENAMES,
         "tokens": "n_tokens", "out": "out_dir", "dashboard": "dashboards",
         "model_id": "neuronpedia_model_id",
     }
 
     def validate(self) -> None:
+        self.source.validate()
         for name in ("n_tokens", "batch_size", "top_k", "window", "n_logits", "logits_hist_bins",
                      "examples_per_quantile", "dashboard_sequences"):
             if getattr(self, name) < 1:
@@ -61,9 +62,6 @@ class FeaturesConfig:
         if self.hist_bins < 2 or self.hist_bins & (self.hist_bins - 1):
             raise ConfigError(f"features config: hist_bins must be a power of two >= 2, got "
                               f"{self.hist_bins}")
-        if self.context_size is not None and self.context_size < 2:
-            raise ConfigError(f"features config: context_size must be >= 2, got "
-                              f"{self.context_size}")
         if not self.sourceset or "/" in self.sourceset:
             raise ConfigError(f"features config: sourceset {self.sourceset!r} must be a non-empty "
                               "name without '/'")

@@ -34,8 +34,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from clt_lens.activations import HookSpec, collect_activations
-from clt_lens.clt.loading import check_compatible, load_clt, model_for, resolve_checkpoint_dir
+from clt_lens.activations import collect_activations
+from clt_lens.clt.loading import (
+    check_compatible,
+    load_clt,
+    model_for,
+    resolve_checkpoint_dir,
+    training_dataset,
+)
 from clt_lens.clt.model import CrossLayerTranscoder
 from clt_lens.config import ConfigError, config_to_dict
 from clt_lens.data import load_tokens
@@ -46,6 +52,7 @@ from clt_lens.features.format import FORMAT_VERSION, MANIFEST_FILE, layer_file_n
 from clt_lens.features.records import ExampleTokens, dumps_lines, layer_records
 from clt_lens.fsutil import atomic_write_text
 from clt_lens.models import model_id
+from clt_lens.source_config import SOURCE_FIELDS, CheckpointSourceConfig, flatten
 
 # Floats of one stats chunk ([sequences, positions, features]); bounds memory for wide CLTs.
 CHUNK_ELEMENTS = 1 << 24
@@ -103,7 +110,7 @@ def compute_feature_stats(
     clt_or_checkpoint: Any,
     *,
     model: Any = None,
-    dataset: str = "embedded",
+    dataset: str | None = None,
     split: str = "heldout",
     n_tokens: int = 100_000,
     batch_size: int = 32,
@@ -120,17 +127,22 @@ def compute_feature_stats(
 
     ``clt_or_checkpoint``: a CrossLayerTranscoder or its SAELens folder. ``model``: a
     HookedTransformer, a ``load_model`` name, or None (the checkpoint's ``model_name``, else
-    "embedded"). ``tokens`` [n_seq, ctx] (BOS first) replaces ``dataset``/``split``.
-    ``options``: any other ``FeaturesConfig`` field (window, n_negative, ...).
+    "embedded"). ``dataset``: None = the CLT's training dataset if its run's
+    ``train_config.json`` is found, else "embedded". ``tokens`` [n_seq, ctx] (BOS first)
+    replaces ``dataset``/``split``. ``options``: any other ``FeaturesConfig`` field (window,
+    n_negative, ...) or ``source`` field (context_size, input_hook, output_hook).
     """
-    known = {f.name for f in dataclasses.fields(FeaturesConfig)}
-    unknown = sorted(set(options) - known)
+    known = {f.name for f in dataclasses.fields(FeaturesConfig)} - {"source"}
+    unknown = sorted(set(options) - known - set(SOURCE_FIELDS))
     if unknown:
         raise ConfigError(f"compute_feature_stats: unknown option(s) {unknown}")
+    source = CheckpointSourceConfig(
+        model=model if isinstance(model, str) or model is None else None, dataset=dataset,
+        split=split, **{k: options.pop(k) for k in SOURCE_FIELDS if k in options},
+    )
     cfg = FeaturesConfig(
         checkpoint="" if not isinstance(clt_or_checkpoint, str | Path) else str(clt_or_checkpoint),
-        model=model if isinstance(model, str) or model is None else None,
-        dataset=dataset, split=split, n_tokens=n_tokens, batch_size=batch_size, top_k=top_k,
+        source=source, n_tokens=n_tokens, batch_size=batch_size, top_k=top_k,
         n_quantiles=n_quantiles, layers=layers, device=device, out_dir=str(out_dir), **options,
     )
     cfg.validate()
@@ -163,7 +175,10 @@ def run_features(
             f"expected a CrossLayerTranscoder or a checkpoint folder, got {type(clt).__name__}"
         )
     layers = _check_layers(cfg.layers, clt.cfg.n_layers)
-    model, model_name = model_for(clt, model if model is not None else cfg.model, cfg.device)
+    src = cfg.source
+    hooks = src.trained_hooks(clt.cfg.input_hook, clt.cfg.output_hook)  # before the model loads
+    dataset = src.dataset or training_dataset(checkpoint) or "embedded"
+    model, model_name = model_for(clt, model if model is not None else src.model, cfg.device)
     device = next(model.parameters()).device
     if cfg.device:
         want = torch.device(cfg.device)
@@ -176,22 +191,21 @@ def run_features(
     clt.eval()
     check_compatible(clt, model)
     n_layers, n_feat = clt.cfg.n_layers, clt.cfg.d_sae
-    hooks = HookSpec(clt.cfg.input_hook, clt.cfg.output_hook)
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise InputError("the model has no tokenizer: feature contexts need token strings")
     bos = tokenizer.bos_token_id
 
-    ctx = cfg.context_size or getattr(clt.cfg.metadata, "context_size", None) or model.cfg.n_ctx
+    ctx = src.context_size or getattr(clt.cfg.metadata, "context_size", None) or model.cfg.n_ctx
     if tokens is None:
         n_seq = math.ceil(cfg.n_tokens / (ctx - 1)) + 1
         tokens = load_tokens(
-            cfg.dataset, tokenizer=tokenizer, context_size=ctx, split=cfg.split,
+            dataset, tokenizer=tokenizer, context_size=ctx, split=src.split,
             max_tokens=n_seq * ctx, seed=cfg.seed, shuffle=True, text_column=cfg.text_column,
         )
-        dataset_name = cfg.dataset
+        dataset_name = dataset
     else:
-        dataset_name = cfg.dataset if cfg.dataset != "embedded" else "tokens"
+        dataset_name = src.dataset or "tokens"
     if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
         raise InputError(f"tokens must be an integer tensor [n_seq, ctx], got "
                          f"{tuple(tokens.shape)} {tokens.dtype}")
@@ -262,7 +276,7 @@ def run_features(
         "input_hook": clt.cfg.input_hook,
         "output_hook": clt.cfg.output_hook,
         "dataset": dataset_name,
-        "split": cfg.split,
+        "split": src.split,
         "top_k": cfg.top_k,
         "n_quantiles": cfg.n_quantiles,
         "sourceset": cfg.sourceset,
@@ -278,7 +292,7 @@ def run_features(
             "tokens_per_second": round(acc.n_tokens / max(pass_seconds, 1e-9), 1),
             "write_seconds": round(write_seconds, 3),
         },
-        "config": config_to_dict(cfg),
+        "config": flatten(config_to_dict(cfg)),  # flat, as before the source section
     }
     atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return out_dir
