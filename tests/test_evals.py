@@ -142,3 +142,50 @@ def test_reconstruction_sums_combine_exactly_over_batches_and_ranks():
     torch.testing.assert_close(total.fvu(), whole.fvu())
     torch.testing.assert_close(total.l0(), whole.l0())
     torch.testing.assert_close(total.mse(), whole.mse())
+
+
+def test_source_hooks_other_than_the_clts_are_refused_before_the_model_loads(
+        tmp_path: Path, monkeypatch, capsys, embedded_model, small_clt):
+    """eval and features read the CLT's own hooks; another hook in their ``source`` section
+    is refused by name, before any model is loaded, through the API and the CLI alike."""
+    import clt_lens.models
+    from clt_lens.cli import main
+    from clt_lens.config import ConfigError
+    from clt_lens.source_config import CheckpointSourceConfig
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the hooks were checked")
+
+    monkeypatch.setattr(clt_lens.models, "load_model", no_model)
+    own = (small_clt.cfg.input_hook, small_clt.cfg.output_hook)
+    assert own == ("ln2.hook_normalized", "hook_mlp_out")
+    with pytest.raises(ConfigError, match="'hook_resid_pre'.*'ln2.hook_normalized'"):
+        evaluate(small_clt, model="embedded", input_hook="hook_resid_pre", progress=False)
+    spelled = CheckpointSourceConfig(input_hook=own[0], output_hook="auto")
+    assert spelled.trained_hooks(*own).to_dict() == {"input_hook": own[0], "output_hook": own[1]}
+    ckpt = tmp_path / "ckpt"
+    small_clt.save_model(ckpt)
+    capsys.readouterr()
+    for argv, asked, trained in (
+        (["eval", str(ckpt), "--source.input_hook", "hook_resid_pre"], "hook_resid_pre",
+         "ln2.hook_normalized"),
+        (["eval", str(ckpt), "--output_hook", "hook_resid_post"], "hook_resid_post",
+         "hook_mlp_out"),  # the flat spelling
+        (["features", str(ckpt), "--source.output_hook", "hook_resid_post", "--out_dir",
+          str(tmp_path / "f")], "hook_resid_post", "hook_mlp_out"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "ConfigError" in err and "Traceback" not in err, err
+        assert f"{asked!r}, but the CLT was trained on" in err and repr(trained) in err, err
+    assert not (tmp_path / "f" / "features.json").exists() and not (ckpt / "eval").exists()
+
+
+def test_source_context_size_and_explicit_own_hooks(embedded_model, small_clt):
+    res = evaluate(small_clt, model=embedded_model, context_size=64, n_tokens=126, batch_size=2,
+                   single_layer_splices=False, input_hook="ln2.hook_normalized",
+                   output_hook="hook_mlp_out", progress=False)
+    assert res["context_size"] == 64 and res["n_tokens_ce"] == 2 * 63
+    assert (res["input_hook"], res["output_hook"]) == ("ln2.hook_normalized", "hook_mlp_out")
+    with pytest.raises(EvalError, match="context_size 4096 exceeds"):
+        evaluate(small_clt, model=embedded_model, context_size=4096, progress=False)

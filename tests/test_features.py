@@ -279,7 +279,34 @@ def test_bad_inputs_fail_before_the_pass(tmp_path, monkeypatch, clt):
         compute_feature_stats(clt, top_k=0, **kw)
     with pytest.raises(ConfigError, match="unknown option"):
         compute_feature_stats(clt, windw=3, **kw)
+    with pytest.raises(ConfigError, match="source.input_hook' is 'hook_resid_pre'"):
+        compute_feature_stats(clt, input_hook="hook_resid_pre", **kw)
     assert not (tmp_path / "o" / "features.json").exists()
+
+
+def test_source_defaults_to_the_training_dataset(tmp_path, clt):
+    """Unset ``source.dataset`` is the one the run's train_config.json names (as in eval);
+    the source's context size and old flat spellings reach the pass."""
+    text = tmp_path / "corpus"
+    text.mkdir()
+    (text / "heldout.txt").write_text("Zebras graze quietly near the river bank.\n" * 60)
+    (text / "train.txt").write_text("Other words entirely.\n" * 60)
+    run = tmp_path / "run"
+    clt.save_model(run / "final")
+    (run / "train_config.json").write_text(json.dumps({"source": {"dataset": str(text)}}))
+    out = compute_feature_stats(run / "final", model=model(), n_tokens=60, batch_size=2,
+                                top_k=2, n_quantiles=0, n_negative=0, context_size=32,
+                                out_dir=tmp_path / "f", progress=False)
+    m = read_manifest(out)
+    assert (m["dataset"], m["split"], m["context_size"]) == (str(text), "heldout", 32)
+    assert m["config"]["dataset"] is None and m["config"]["context_size"] == 32  # flat keys
+    seen = "".join(t for layer in range(4) for r in iter_features(out, layer)
+                   for ex in r["top_examples"] for t in ex["tokens"])
+    assert "Zeb" in seen and "Other" not in seen
+    explicit = compute_feature_stats(run / "final", model=model(), dataset="embedded",
+                                     n_tokens=60, batch_size=2, top_k=2, n_quantiles=0,
+                                     n_negative=0, out_dir=tmp_path / "g", progress=False)
+    assert read_manifest(explicit)["dataset"] == "embedded"
 
 
 def test_cli_features_with_neuronpedia_output(tmp_path, monkeypatch, clt, device):
