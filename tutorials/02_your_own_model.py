@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------------------------------------------
     # 4. Evaluate on held-out text, exactly as in tutorial 1. model= may also be the folder
-    #    path; the checkpoint remembers the dataset it was trained on.
+    #    path; the checkpoint remembers the dataset it was trained on. As a command:
+    #    `clt-lens eval RUN/final --source.dataset DATA --source.split SPLIT` (the `source`
+    #    section; unset, its fields are the ones the CLT was trained on).
     # ------------------------------------------------------------------------------------
     print("\n== 4. evaluation ==")
     result = evaluate(final, model=model, dataset=args.dataset, split=split,
