@@ -286,7 +286,7 @@ def test_bad_inputs_fail_before_the_pass(tmp_path, monkeypatch, clt):
 
 def test_source_defaults_to_the_training_dataset(tmp_path, clt):
     """Unset ``source.dataset`` is the one the run's train_config.json names (as in eval);
-    the source's context size and old flat spellings reach the pass."""
+    a source field given as a keyword (context_size) reaches the pass."""
     text = tmp_path / "corpus"
     text.mkdir()
     (text / "heldout.txt").write_text("Zebras graze quietly near the river bank.\n" * 60)
