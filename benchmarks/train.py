@@ -4,9 +4,11 @@
     python benchmarks/train.py --quick    # fewer repeats
     python benchmarks/train.py --profile  # where the L=12 step's time goes, against its floor
 
+Every step timed is the trainer's own (``Trainer._train_step``, built by the real runner:
+losses, backward, global-norm clipping folded into fused Adam, the metrics it logs).
 Activations are Gaussian; JumpReLU thresholds are set per feature so that each ``--active``
 fraction (default 1%, 2% and 3%, the range trained CLTs of the field have) of the features
-fire. Both steps use the trainer's optimizer (fused Adam) and global-norm clipping.
+fire. ``--demo`` also times the step on the demo's trained CLT with its cached activations.
 
 The two steps are timed interleaved on one model in one process (the machine is shared and
 noisy: separate processes differ by 10-20%), in blocks of one untimed and two timed steps per
@@ -32,26 +34,46 @@ REPEATS = {"demo": 12, "L12": 4}  # blocks per mode; short steps need more to se
 MODES = ("auto", "dense")  # "auto" = what training uses (sparse at these densities)
 
 
-# torch.profiler op (self CPU time) -> piece of the step; anything else is "elementwise, other"
-PIECES = {
-    "aten::bmm": "encoder forward (one batched matmul)",
-    "aten::sparse_sampled_addmm": "encoder gradient (sampled at the support)",
-    "aten::addmm": "decoder matmuls (sparse rows, forward and backward)",
-    "aten::mm": "decoder matmuls (sparse rows, forward and backward)",
-    "aten::_fused_adam_": "Adam (fused, with clipping as grad_scale)",
-    "aten::linalg_vector_norm": "gradient norm (clipping)",
-    "aten::nonzero": "support building (nonzero, sort, index)",
-    "aten::sort": "support building (nonzero, sort, index)",
-    "aten::index": "support building (nonzero, sort, index)",
-    "aten::_index_put_impl_": "support building (nonzero, sort, index)",
-    "aten::gt": "support building (nonzero, sort, index)",
-    "aten::copy_": "copies",
+# Where a profiled op's self time goes: by the custom autograd function (or optimizer call)
+# it runs under, then by the op itself.
+_UNDER = {
+    "_SparseDecode": {"aten::addmm": "decoder forward (CSR @ W_dec)",
+                      "aten::linalg_vector_norm": "decoder norms (forward)",
+                      "*": "decoder forward: other (nonzero subset, output)"},
+    "_SparseDecodeBackward": {
+        "aten::sparse_sampled_addmm": "decoder backward: dL/da at the support (sampled_addmm)",
+        "aten::addmm": "decoder backward: dL/dW_dec (CSR^T @ grad)",
+        "aten::sort": "support transposition (sort)",
+        "*": "decoder backward: other (norm gradient, zeros)"},
+    "_EncoderGradGatherBackward": {"aten::sort": "support transposition (sort)",
+                                   "*": "encoder backward (CSR^T @ x, bias)"},
+    "Optimizer.step#Adam.step": {"*": "Adam (fused, clipping folded in as grad_scale)"},
+    "aten::_foreach_norm": {"*": "gradient norm (clipping)"},
 }
+_TOP = {
+    "aten::bmm": "encoder forward (one batched matmul)",
+    "aten::nonzero": "support building (compare, nonzero, index)",
+    "aten::gt": "support building (compare, nonzero, index)",
+    "aten::index": "support building (compare, nonzero, index)",
+    "aten::sort": "support transposition (sort)",
+}
+_OTHER = "elementwise and small ops (activation, losses, metrics)"
+
+
+def _piece(ev) -> str:
+    parent = ev.cpu_parent
+    while parent is not None:
+        table = _UNDER.get(parent.name)
+        if table is not None:
+            return table.get(ev.name, table["*"])
+        parent = parent.cpu_parent
+    return _TOP.get(ev.name, _OTHER)
 
 
 def profile_child(active: float, steps: int = 4) -> dict:
-    """Self CPU time per piece of the L=12 step (torch.profiler), and the step's floor: the
-    encoder forward at the matmul peak measured here plus the fused Adam pass as measured."""
+    """Self CPU time per piece of the L=12 training step (torch.profiler), and the step's
+    floor: the encoder forward at the matmul peak measured here plus the fused Adam pass as
+    measured."""
     import torch
     from common import matmul_peak
     from torch.profiler import ProfilerActivity, profile
@@ -65,12 +87,13 @@ def profile_child(active: float, steps: int = 4) -> dict:
         for _ in range(steps):
             step("auto")
     pieces: dict[str, float] = {}
-    for ev in prof.key_averages():
-        name = PIECES.get(ev.key, "elementwise, other")
-        pieces[name] = pieces.get(name, 0.0) + ev.self_cpu_time_total / 1e3 / steps  # ms/step
+    for ev in prof.events():
+        if ev.name.startswith(("aten::", "_fused")) or ev.name == "Optimizer.step#Adam.step":
+            name = _piece(ev)
+            pieces[name] = pieces.get(name, 0.0) + ev.self_cpu_time_total / 1e3 / steps
     peak = max(matmul_peak() for _ in range(3))
     encoder_ms = 2 * L * B * d * F / peak * 1e3
-    adam_ms = pieces.get("Adam (fused, with clipping as grad_scale)", 0.0)
+    adam_ms = pieces.get("Adam (fused, clipping folded in as grad_scale)", 0.0)
     return {"L": L, "d": d, "F": F, "B": B, "active": active, "step_ms": plain * 1e3,
             "tokens_per_s": B / plain, "profiled_ms": sum(pieces.values()),
             "pieces_ms": dict(sorted(pieces.items(), key=lambda kv: -kv[1])),
@@ -95,60 +118,101 @@ def _print_profile(r: dict) -> None:
                 [[k, f"{v:.1f}", f"{v / tot:.0%}"] for k, v in r["pieces_ms"].items()])
 
 
+class _FixedSource:
+    """A training source that hands out one settable batch (``batch``) every step."""
+
+    def __init__(self, x, y, context_size: int = 128) -> None:
+        from clt_lens.training.sources import SourceInfo
+
+        self.batch = (x, y)
+        _, n_layers, d = x.shape
+        self.info = SourceInfo("bench@0", "bench", "ln2.hook_normalized", "hook_mlp_out",
+                               n_layers, d, context_size, "bench")  # fmt: skip
+
+    def next(self):
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def real_trainer(cfg, source):
+    """The Trainer a run of ``cfg`` on ``source`` loops over, built by the real runner; its
+    ``_train_step()`` is the step ``clt-lens train`` runs (clipping, Adam, metrics and all)."""
+    from clt_lens.training.runner import CLTTrainingRunner
+    from clt_lens.training.trainer import Trainer
+
+    class _Built(Trainer):
+        def train(self):  # hand the built trainer back instead of looping
+            return self
+
+    runner = CLTTrainingRunner(cfg, override_source=source, override_heldout=source.next())
+    runner.trainer_cls = _Built
+    return runner.run()
+
+
+def _timed_step(trainer, source, device: str):
+    """``step(mode, batch=None) -> (seconds, mean L0 per layer)``: one real training step in
+    decode mode ``mode`` on ``batch`` (default: the source's own batch)."""
+    import torch
+
+    default = source.batch
+    cuda = torch.device(device).type == "cuda"
+
+    def step(mode: str, batch=None) -> tuple[float, float]:
+        source.batch = default if batch is None else tuple(t.to(device) for t in batch)
+        trainer.clt.cfg.decode = mode
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        rec = trainer._train_step()  # reads its metrics back: the step is done on CUDA too
+        return time.perf_counter() - t, float(rec["l0"])
+
+    return step
+
+
 def _setup(L: int, d: int, F: int, B: int, active: float, device: str = "cpu",
            autocast: str = "none", sample=None):  # fmt: skip
-    """A CLT of this shape on ``device`` with thresholds giving ``active`` firing, its
-    optimizer, and ``step(mode, batch=None) -> (seconds, mean L0)`` running one whole training
-    step (as the trainer does) in a decode mode.
+    """The real trainer for a CLT of this shape on ``device`` with thresholds giving
+    ``active`` firing, and ``step(mode, batch=None) -> (seconds, mean L0)`` running one of its
+    training steps in a decode mode.
 
     ``sample``: an ``(x, y)`` batch to calibrate on and train on by default (Gaussian if None);
     ``step`` may be given another batch (e.g. one from a cache reader).
     """
-    import contextlib
+    import tempfile
 
     import torch
 
-    from clt_lens.clt import CLTConfig, CrossLayerTranscoder
+    from clt_lens.clt.config import CLTSpec
     from clt_lens.training.config import TrainConfig
-    from clt_lens.training.trainer import make_adam
 
     torch.manual_seed(0)
-    clt = CrossLayerTranscoder(CLTConfig(d_in=d, d_sae=F, n_layers=L, device=device))
     if sample is None:
         x = torch.randn(B, L, d, device=device)
         y = torch.randn(B, L, d, device=device)
     else:
         x, y = (t.to(device) for t in sample)
-    clt.estimate_normalization(x, y)
+    source = _FixedSource(x, y)
+    cfg = TrainConfig(
+        clt=CLTSpec(d_sae=F), batch_size=B, lr=1e-4, lr_warmup_steps=0, sparsity_warmup_steps=0,
+        eval_every=10**9, normalization_tokens=B, progress=False, device=device,
+        autocast=autocast, out_dir=tempfile.mkdtemp(prefix="clt-bench-"),
+    )  # fmt: skip
+    trainer = real_trainer(cfg, source)
+    clt = trainer.clt
     with torch.no_grad():  # thresholds at the (1 - active) quantile of each feature's pre-acts
         pre = clt.preacts_lbf(clt.normalize_inputs(x))  # [L, B, F]
         q = torch.quantile(pre.float().cpu(), 1 - active, dim=1).to(device)
         clt.log_threshold.copy_(q.clamp_min(1e-3).log())
         del pre
-    params = list(clt.parameters())
-    opt = make_adam(params, TrainConfig(lr=1e-4), torch.device(device).type)
-    cuda = torch.device(device).type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(autocast)
-
-    def step(mode: str, batch=None) -> tuple[float, float]:
-        """Seconds of one full step and the mean L0 per layer it saw."""
-        bx, by = (x, y) if batch is None else batch
-        clt.cfg.decode = mode
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        ctx = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype
-               else contextlib.nullcontext())  # fmt: skip
-        with ctx:
-            out = clt.training_forward(bx, by, sparsity_coeff=1e-4)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        l0 = float(out.l0_per_layer.mean())  # a sync on CUDA: the step is done
-        return time.perf_counter() - t, l0
-
-    return clt, step
+    return clt, _timed_step(trainer, source, device)
 
 
 def work_flops(L: int, d: int, F: int, B: int, l0: float) -> tuple[float, float]:
@@ -201,40 +265,42 @@ def time_child(L: int, d: int, F: int, B: int, active: float, repeats: int) -> d
 
 def trained_child(demo: str, repeats: int) -> dict:
     """Our step against dense decoding on the demo's trained CLT and its cached activations
-    (the regime the README's demo trains in), interleaved in one process as above."""
+    (the regime the README's demo trains in), with the demo's training config, through the
+    real trainer, interleaved in one process as above."""
+    import tempfile
+
     import torch
 
     from clt_lens.cache import CacheReader
     from clt_lens.clt.loading import load_clt
+    from clt_lens.config import build_config, upgrade_keys
     from clt_lens.training.config import TrainConfig
-    from clt_lens.training.trainer import make_adam
 
     run = Path(demo) / "train" / "final"
-    cfg = json.loads((run / "train_config.json").read_text())
-    clt = load_clt(run).train()
-    B = int(cfg["batch_size"])
+    saved = upgrade_keys(TrainConfig, json.loads((run / "train_config.json").read_text()))
+    saved.update(lr=1e-6, lr_warmup_steps=0, sparsity_warmup_steps=0, eval_every=10**9,
+                 progress=False, wandb=False, cache_dir=None, heldout_cache_dir=None,
+                 distributed="none", out_dir=tempfile.mkdtemp(prefix="clt-bench-"))  # fmt: skip
+    cfg = build_config(TrainConfig, saved)  # lr 1e-6: tiny steps, the regime stays put
+    B = cfg.micro_batch_size
     reader = CacheReader(Path(demo) / "cache", batch_size=B, shuffle=True, seed=1)
     it = iter(reader)
     batches = [next(it) for _ in range(6)]
     reader.close()
-    params = list(clt.parameters())
-    opt = make_adam(params, TrainConfig(lr=1e-6), "cpu")  # tiny steps: the regime stays put
+    source = _FixedSource(*batches[0])
+    trainer = real_trainer(cfg, source)
+    with torch.no_grad():
+        trainer.clt.load_state_dict(load_clt(run).state_dict())
+    run_step = _timed_step(trainer, source, "cpu")
     state = {"i": 0}
 
     def step(mode: str) -> tuple[float, float]:
-        x, y = batches[state["i"] % len(batches)]
         state["i"] += 1
-        clt.cfg.decode = mode
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        out = clt.training_forward(x, y, sparsity_coeff=float(cfg["sparsity_coeff"]))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        return time.perf_counter() - t, float(out.l0_per_layer.mean())
+        return run_step(mode, batches[state["i"] % len(batches)])
 
     times, l0s = _interleaved(step, repeats)
     med = {m: sorted(v)[len(v) // 2] for m, v in times.items()}
+    clt = trainer.clt
     L, d, F = clt.cfg.n_layers, clt.cfg.d_in, clt.cfg.d_sae
     return {"L": L, "d": d, "F": F, "B": B, "active_frac": sorted(l0s)[len(l0s) // 2] / F,
             "step_s": med["auto"], "dense_step_s": med["dense"]}  # fmt: skip

@@ -10,8 +10,8 @@ backward.
 Decoding is ``out[:, j] = sum_{i <= j} z_i @ W_dec[i][:, j - i]``. Both decoders below are
 custom autograd functions that write into one output buffer: slicing parameters or outputs
 under autograd would make it zero-fill a full-size gradient buffer per slice.
-- ``sparse_decode``: forward CSR @ dense (``torch.addmm`` into an uninitialised buffer, which
-  skips the zero-fill and copy ``torch.sparse.mm`` does); grad of the values with
+- ``sparse_decode``: forward a gather-and-sum of decoder rows per token (``embedding_bag``
+  over the CSR index arrays); grad of the values with
   ``torch.sparse.sampled_addmm`` on the same pattern; grad of W_dec with the transposed CSR.
   The ``*_with_norms`` variants also return the decoder norms [L, F] and fold their gradient
   into the decoder's, saving passes over every decoder weight.
@@ -45,6 +45,18 @@ def _spmm(sparse: Tensor, dense: Tensor) -> Tensor:
     """CSR @ dense into a fresh buffer; torch.sparse.mm zero-fills, multiplies, then copies."""
     out = torch.empty(sparse.shape[0], dense.shape[1], dtype=dense.dtype, device=dense.device)
     return torch.addmm(out, sparse, dense, beta=0, out=out)
+
+
+def _rows_decode(support: Support, values: Tensor, layer: int, w2d: Tensor) -> Tensor:
+    """Layer ``layer``'s [B, F] block @ ``w2d`` [F, n]: per token, the weighted sum of the
+    decoder rows of its kept features. ``embedding_bag`` does exactly that gather-and-sum; on
+    CPU it beats the CSR ``addmm`` by 5-30% (memory-bound either way: one decoder row read per
+    entry), and it needs no CSR tensor."""
+    a, b = support.layer_ptr[layer], support.layer_ptr[layer + 1]
+    return torch.nn.functional.embedding_bag(
+        support.cols[a:b], w2d, support.crow[layer][:-1], mode="sum",
+        per_sample_weights=values[a:b],
+    )
 
 
 @dataclass
@@ -196,7 +208,7 @@ class _SparseDecode(torch.autograd.Function):
             if active.layer_ptr[i + 1] == active.layer_ptr[i]:
                 continue
             n_t = w.shape[1]
-            part = _spmm(active.layer_csr(active_values, i), w.reshape(w.shape[0], n_t * d))
+            part = _rows_decode(active, active_values, i, w.reshape(w.shape[0], n_t * d))
             out[:, _target_span(i, n_t)] += part.view(batch, n_t, d)
         norms = _decoder_norms(w_dec) if with_norms else values.new_zeros(0)
         ctx.support, ctx.active = support, active

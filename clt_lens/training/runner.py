@@ -27,6 +27,7 @@ from clt_lens.models import AUTO_HOOK, load_model, model_family, model_id, resol
 from clt_lens.training import checkpoint as ckpt_io
 from clt_lens.training import rng
 from clt_lens.training.config import STRUCTURAL_KEYS, TrainConfig, dotted, saved_train_config
+from clt_lens.training.host_memory import retain_freed_memory
 from clt_lens.training.metrics import MetricsLog
 from clt_lens.training.parallel import Parallel
 from clt_lens.training.sources import SourceInfo, make_source
@@ -100,6 +101,8 @@ class CLTTrainingRunner:
             cfg.distributed, cfg.feature_parallel_size, cfg.device
         )
         self.device = self.par.device_for(cfg.device)
+        if cfg.retain_host_memory and torch.device(self.device).type == "cpu":
+            retain_freed_memory()
         self.run_dir = Path(cfg.out_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self._model = model
