@@ -11,8 +11,9 @@ Decoding is ``out[:, j] = sum_{i <= j} z_i @ W_dec[i][:, j - i]``. Both decoders
 custom autograd functions that write into one output buffer: slicing parameters or outputs
 under autograd would make it zero-fill a full-size gradient buffer per slice.
 - ``sparse_decode``: forward a gather-and-sum of decoder rows per token (``embedding_bag``
-  over the CSR index arrays); grad of the values with
-  ``torch.sparse.sampled_addmm`` on the same pattern; grad of W_dec with the transposed CSR.
+  over the CSR index arrays); grad of the values with ``torch.sparse.sampled_addmm`` on the
+  transposed pattern (feature-major: each decoder row read once); grad of W_dec with the
+  transposed CSR.
   The ``*_with_norms`` variants also return the decoder norms [L, F] and fold their gradient
   into the decoder's, saving passes over every decoder weight.
 - ``dense_decode``: the same with dense matmuls, for dense activations.
@@ -78,6 +79,7 @@ class Support:
     layer_ptr: list[int]
     crow: Tensor  # [L, B + 1]
     _transposed: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
+    _parent: tuple[Support, Tensor] | None = field(default=None, repr=False)
 
     @property
     def nnz(self) -> int:
@@ -139,7 +141,9 @@ class Support:
 
     def subset(self, keep: Tensor) -> Support:
         """The positions where the bool ``keep`` (one per entry) is True, in the same order."""
-        return Support.from_flat(self.flat[keep], self.n_layers, self.batch, self.n_features)
+        sub = Support.from_flat(self.flat[keep], self.n_layers, self.batch, self.n_features)
+        sub._parent = (self, keep)  # its transposed order comes from ours, without a sort
+        return sub
 
     def layer_slice(self, values: Tensor, layer: int) -> Tensor:
         return values[self.layer_ptr[layer] : self.layer_ptr[layer + 1]]
@@ -152,11 +156,17 @@ class Support:
     def transposed(self) -> tuple[Tensor, Tensor, Tensor]:
         """(perm, crow_t [L, F+1], cols_t): entries sorted by (l, f, b) for the [F, B] CSRs."""
         if self._transposed is None:
-            # (l, f, b) keys are unique; int32 sorts about twice as fast when they fit
-            key = self.lf * self.batch + self.rows
-            if self.n_layers * self.n_features * self.batch < 2**31:
-                key = key.to(torch.int32)
-            perm = torch.sort(key).indices
+            if self._parent is not None:  # the parent's order, restricted to our entries
+                parent, keep = self._parent
+                parent_perm = parent.transposed()[0]
+                position = torch.cumsum(keep, 0) - 1  # parent entry -> our entry
+                perm = position[parent_perm[keep[parent_perm]]]
+            else:
+                # (l, f, b) keys are unique; int32 sorts about twice as fast when they fit
+                key = self.lf * self.batch + self.rows
+                if self.n_layers * self.n_features * self.batch < 2**31:
+                    key = key.to(torch.int32)
+                perm = torch.sort(key).indices
             counts = torch.bincount(self.lf, minlength=self.n_layers * self.n_features)
             crow_t = torch.zeros(
                 self.n_layers, self.n_features + 1, dtype=torch.int64, device=self.flat.device
@@ -226,19 +236,25 @@ class _SparseDecode(torch.autograd.Function):
         need_values = ctx.needs_input_grad[2]
         need_w = ctx.needs_input_grad[3:]
         batch, d = support.batch, grad_out.shape[-1]
-        grad_values = torch.zeros_like(values) if need_values else None
         grads_w: list[Tensor | None] = [None] * len(w_dec)
         values_t = active_values[active.transposed()[0]] if any(need_w) else None
+        grad_values_t = pattern_t = None
+        if need_values:
+            # dL/da at (b, f) is g[b] . W_dec[f]; in (l, f, b) order each decoder row is read
+            # once for all its tokens (about 2x faster than row-major order on CPU)
+            perm = support.transposed()[0]
+            pattern_t = values[perm]  # beta=0: only the pattern matters
+            grad_values_t = torch.empty_like(values)
         for i, w in enumerate(w_dec):
             a, b = support.layer_ptr[i], support.layer_ptr[i + 1]
             n_t, n_features = w.shape[1], w.shape[0]
             g = grad_out[:, _target_span(i, n_t)].reshape(batch, n_t * d)
-            if a < b and need_values:
-                pattern = support.layer_csr(values, i)
+            if a < b and grad_values_t is not None:
                 sampled = torch.sparse.sampled_addmm(
-                    pattern, g, w.reshape(n_features, n_t * d).t(), beta=0.0
+                    support.layer_csr_t(pattern_t, i), w.reshape(n_features, n_t * d), g.t(),
+                    beta=0.0,
                 )
-                grad_values[a:b] = sampled.values()
+                grad_values_t[a:b] = sampled.values()
             if need_w[i] and active.layer_ptr[i] < active.layer_ptr[i + 1]:
                 gw = _spmm(active.layer_csr_t(values_t, i), g)
                 grads_w[i] = gw.view_as(w)
@@ -247,7 +263,9 @@ class _SparseDecode(torch.autograd.Function):
                     grads_w[i] = torch.zeros_like(w)
                 if grad_norms is not None and norms.numel():
                     _add_norm_grad_(grads_w[i], w, norms[i], grad_norms[i])
-        if grad_values is not None:
+        grad_values = None
+        if grad_values_t is not None:
+            grad_values = torch.empty_like(grad_values_t).index_copy_(0, perm, grad_values_t)
             grad_values = grad_values.to(ctx.values_dtype)
         return (None, None, grad_values, *grads_w)
 
