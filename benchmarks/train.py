@@ -37,7 +37,8 @@ MODES = ("auto", "dense")  # "auto" = what training uses (sparse at these densit
 # Where a profiled op's self time goes: by the custom autograd function (or optimizer call)
 # it runs under, then by the op itself.
 _UNDER = {
-    "_SparseDecode": {"aten::addmm": "decoder forward (CSR @ W_dec)",
+    "_SparseDecode": {"aten::_embedding_bag": "decoder forward (gather-and-sum of W_dec rows)",
+                      "aten::embedding_bag": "decoder forward (gather-and-sum of W_dec rows)",
                       "aten::linalg_vector_norm": "decoder norms (forward)",
                       "*": "decoder forward: other (nonzero subset, output)"},
     "_SparseDecodeBackward": {
