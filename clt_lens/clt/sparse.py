@@ -145,9 +145,6 @@ class Support:
         sub._parent = (self, keep)  # its transposed order comes from ours, without a sort
         return sub
 
-    def layer_slice(self, values: Tensor, layer: int) -> Tensor:
-        return values[self.layer_ptr[layer] : self.layer_ptr[layer + 1]]
-
     def layer_csr(self, values: Tensor, layer: int) -> Tensor:
         """Layer ``layer``'s [B, F] block as a CSR tensor with the given values."""
         a, b = self.layer_ptr[layer], self.layer_ptr[layer + 1]
