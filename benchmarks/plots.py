@@ -106,7 +106,7 @@ def plot_train(data: dict[str, Any]) -> Path:
     """Whole-step speed-up over the dense reference against the active fraction."""
     plt = _pyplot()
     rows = data["results"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for shape in dict.fromkeys(r["shape"] for r in rows):
         mine = [r for r in rows if r["shape"] == shape]
         r0 = mine[0]
@@ -114,6 +114,9 @@ def plot_train(data: dict[str, Any]) -> Path:
         xs = [100 * r["active_frac"] for r in mine]
         axes[0].plot(xs, [r["speedup_vs_dense"] for r in mine], "o-", label=label)
         axes[1].plot(xs, [r["B"] / r["step_s"] for r in mine], "o-", label=f"{shape} ours")
+        if all("torch_ops_step_s" in r for r in mine):  # results from before the C kernels lack it
+            axes[1].plot(xs, [r["B"] / r["torch_ops_step_s"] for r in mine], "^:",
+                         label=f"{shape} ours, torch's sparse ops")  # fmt: skip
         axes[1].plot(xs, [r["B"] / r["dense_step_s"] for r in mine], "s--",
                      label=f"{shape} dense reference")  # fmt: skip
     axes[0].axhline(3, color="0.5", ls=":", lw=1, label="3x target")
@@ -125,7 +128,9 @@ def plot_train(data: dict[str, Any]) -> Path:
     for ax in axes:
         ax.set_xlabel("active features (% of F per layer)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower left")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # off the data
+    fig.tight_layout()
     return _save(fig, "train", data)
 
 

@@ -10,8 +10,10 @@ Activations are Gaussian; JumpReLU thresholds are set per feature so that each `
 fraction (default 1%, 2% and 3%, the range trained CLTs of the field have) of the features
 fire. ``--demo`` also times the step on the demo's trained CLT with its cached activations.
 
-The two steps are timed interleaved on one model in one process (the machine is shared and
-noisy: separate processes differ by 10-20%), in blocks of one untimed and two timed steps per
+Three steps are timed interleaved on one model in one process (the machine is shared and
+noisy: separate processes differ by 10-20%): ours (on the CPU, sparse decoding through the C
+kernels of ``clt_lens/clt/cpu_kernels.c``), the same sparse step with torch's sparse ops
+instead of the kernels, and dense decoding; in blocks of one untimed and two timed steps per
 mode, since the first step after a switch is slowed by the other mode's allocations. The
 matmul peak is measured in the same process. Peak RSS needs a process of its own per step,
 so it comes from short separate runs.
@@ -31,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHAPES = {"demo": (4, 128, 1024, 1024), "L12": (12, 256, 2048, 512)}
 REPEATS = {"demo": 12, "L12": 4}  # blocks per mode; short steps need more to settle
-MODES = ("auto", "dense")  # "auto" = what training uses (sparse at these densities)
+# "auto" = what training uses (sparse at these densities; on the CPU through the C decode
+# kernels), "torch-ops" = the same sparse step with torch's sparse ops instead of the kernels
+MODES = ("auto", "torch-ops", "dense")
 
 
 # Where a profiled op's self time goes: by the custom autograd function (or optimizer call)
@@ -40,12 +44,12 @@ _UNDER = {
     "_SparseDecode": {"aten::_embedding_bag": "decoder forward (gather-and-sum of W_dec rows)",
                       "aten::embedding_bag": "decoder forward (gather-and-sum of W_dec rows)",
                       "aten::linalg_vector_norm": "decoder norms (forward)",
-                      "*": "decoder forward: other (nonzero subset, output)"},
+                      "*": "decoder forward: other (value gathers, output buffer)"},
     "_SparseDecodeBackward": {
         "aten::sparse_sampled_addmm": "decoder backward: dL/da at the support (sampled_addmm)",
         "aten::addmm": "decoder backward: dL/dW_dec (CSR^T @ grad)",
         "aten::sort": "support transposition (sort)",
-        "*": "decoder backward: other (norm gradient, zeros)"},
+        "*": "decoder backward: other (norm-gradient scale, dL/da reorder)"},
     "_EncoderGradGatherBackward": {"aten::sort": "support transposition (sort)",
                                    "*": "encoder backward (CSR^T @ x, bias)"},
     "Optimizer.step#Adam.step": {"*": "Adam (fused, clipping folded in as grad_scale)"},
@@ -57,11 +61,15 @@ _TOP = {
     "aten::gt": "support building (compare, nonzero, index)",
     "aten::index": "support building (compare, nonzero, index)",
     "aten::sort": "support transposition (sort)",
+    "clt_lens::decode_forward": "decoder forward and norms (C kernel)",
+    "clt_lens::decode_backward": "decoder backward: dL/da, dL/dW_dec, norm gradient (C kernel)",
 }
 _OTHER = "elementwise and small ops (activation, losses, metrics)"
 
 
 def _piece(ev) -> str:
+    if ev.name.startswith("clt_lens::"):  # our kernels' ranges, under _SparseDecode
+        return _TOP[ev.name]
     parent = ev.cpu_parent
     while parent is not None:
         table = _UNDER.get(parent.name)
@@ -89,7 +97,8 @@ def profile_child(active: float, steps: int = 4) -> dict:
             step("auto")
     pieces: dict[str, float] = {}
     for ev in prof.events():
-        if ev.name.startswith(("aten::", "_fused")) or ev.name == "Optimizer.step#Adam.step":
+        if ev.name.startswith(("aten::", "_fused", "clt_lens::")) or \
+                ev.name == "Optimizer.step#Adam.step":
             name = _piece(ev)
             pieces[name] = pieces.get(name, 0.0) + ev.self_cpu_time_total / 1e3 / steps
     peak = max(matmul_peak() for _ in range(3))
@@ -160,15 +169,19 @@ def real_trainer(cfg, source):
 
 def _timed_step(trainer, source, device: str):
     """``step(mode, batch=None) -> (seconds, mean L0 per layer)``: one real training step in
-    decode mode ``mode`` on ``batch`` (default: the source's own batch)."""
+    decode mode ``mode`` (or "torch-ops": "auto" without the C kernels) on ``batch`` (default:
+    the source's own batch)."""
     import torch
+
+    from clt_lens.clt import cpu_kernels
 
     default = source.batch
     cuda = torch.device(device).type == "cuda"
 
     def step(mode: str, batch=None) -> tuple[float, float]:
         source.batch = default if batch is None else tuple(t.to(device) for t in batch)
-        trainer.clt.cfg.decode = mode
+        trainer.clt.cfg.decode = "auto" if mode == "torch-ops" else mode
+        cpu_kernels.set_enabled(mode != "torch-ops")
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -256,7 +269,9 @@ def time_child(L: int, d: int, F: int, B: int, active: float, repeats: int) -> d
     return {
         "L": L, "d": d, "F": F, "B": B, "active_frac": l0 / F, "params": n_params,
         "step_s": med["auto"], "dense_step_s": med["dense"],
+        "torch_ops_step_s": med["torch-ops"],
         "step_s_all": times["auto"], "dense_step_s_all": times["dense"],
+        "torch_ops_step_s_all": times["torch-ops"],
         "flops_needed": needed, "flops_dense": dense,
         "params_plus_adam_mb": n_params * 4 * 4 / 2**20,  # weights, grads, two Adam moments
         "matmul_peak_flops": sorted(peaks)[-1],
@@ -304,7 +319,8 @@ def trained_child(demo: str, repeats: int) -> dict:
     clt = trainer.clt
     L, d, F = clt.cfg.n_layers, clt.cfg.d_in, clt.cfg.d_sae
     return {"L": L, "d": d, "F": F, "B": B, "active_frac": sorted(l0s)[len(l0s) // 2] / F,
-            "step_s": med["auto"], "dense_step_s": med["dense"]}  # fmt: skip
+            "step_s": med["auto"], "dense_step_s": med["dense"],
+            "torch_ops_step_s": med["torch-ops"]}  # fmt: skip
 
 
 def rss_child(L: int, d: int, F: int, B: int, active: float, mode: str) -> dict:
@@ -362,7 +378,7 @@ def main() -> None:
         for active in (float(a) for a in args.active.split(",")):
             extra = ["--active", str(active)] + (["--quick"] if args.quick else [])
             t = _child(["--child", f"time:{name}", *extra])
-            rss = {m: _child(["--child", f"rss:{name}:{m}", *extra]) for m in MODES}
+            rss = {m: _child(["--child", f"rss:{name}:{m}", *extra]) for m in ("auto", "dense")}
             speedup = t["dense_step_s"] / t["step_s"]
             peak = t["matmul_peak_flops"]
             results.append({"shape": name, "target_active": active, **t,
@@ -371,8 +387,9 @@ def main() -> None:
                             "speedup_vs_dense": speedup})  # fmt: skip
             rows.append([
                 name, f"{t['L']}x{t['d']}x{t['F']} B{t['B']}", f"{t['active_frac']:.2%}",
-                f"{t['B'] / t['step_s']:.0f}", f"{t['B'] / t['dense_step_s']:.0f}",
-                f"{speedup:.2f}x", f"{t['flops_needed'] / t['step_s'] / 1e9:.1f}",
+                f"{t['B'] / t['step_s']:.0f}", f"{t['B'] / t['torch_ops_step_s']:.0f}",
+                f"{t['B'] / t['dense_step_s']:.0f}", f"{speedup:.2f}x",
+                f"{t['flops_needed'] / t['step_s'] / 1e9:.1f}",
                 f"{t['flops_dense'] / t['dense_step_s'] / 1e9:.1f}", f"{peak / 1e9:.0f}",
                 f"{t['flops_needed'] / t['step_s'] / peak:.0%}",
                 f"{rss['auto']['peak_rss_mb']:.0f} / {rss['dense']['peak_rss_mb']:.0f}",
@@ -386,6 +403,7 @@ def main() -> None:
         rows.append(["demo, trained", f"{trained['L']}x{trained['d']}x{trained['F']} "
                      f"B{trained['B']}", f"{trained['active_frac']:.2%}",
                      f"{trained['B'] / trained['step_s']:.0f}",
+                     f"{trained['B'] / trained['torch_ops_step_s']:.0f}",
                      f"{trained['B'] / trained['dense_step_s']:.0f}", f"{speedup:.2f}x",
                      "", "", "", "", "", ""])  # fmt: skip
     else:
@@ -393,7 +411,8 @@ def main() -> None:
     m = machine()
     print(f"machine: {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
           f"command: {m['command']}")
-    print_table(["shape", "L x d x F, batch", "active", "ours tok/s", "dense tok/s", "speed-up",
+    print_table(["shape", "L x d x F, batch", "active", "ours tok/s",
+                 "ours, torch ops tok/s", "dense tok/s", "speed-up vs dense",
                  "ours GFLOP/s (needed work)", "dense GFLOP/s", "matmul peak GFLOP/s",
                  "ours / peak", "peak RSS MB ours / dense", "params+grads+Adam MB"], rows)
     print(f"written {write_result('train', {'results': results})}")

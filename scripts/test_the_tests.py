@@ -141,6 +141,20 @@ BREAKS: dict[str, Break] = {
         "grad_values_t",
         ["tests/test_clt_sparse.py"],
     ),
+    "cpu_kernel_norm_grad": Break(
+        "C decode kernel: the decoder norms' gradient is folded into dL/dW_dec",
+        "clt_lens/clt/cpu_kernels.c",
+        "gw[k] = s * wr[k];",
+        "gw[k] = 0 * wr[k];",
+        ["tests/test_cpu_kernels.py"],
+    ),
+    "cpu_kernel_tail": Break(
+        "C decode kernel: rows whose length is not a multiple of the vector width",
+        "clt_lens/clt/cpu_kernels.c",
+        "for (; k < n; k++) s += a[k] * b[k];",
+        "for (; k + 1 < n; k++) s += a[k] * b[k];",
+        ["tests/test_cpu_kernels.py"],
+    ),
     "host_memory": Break(
         "CPU training keeps its freed buffers instead of page-faulting them back every step",
         "clt_lens/training/host_memory.py",

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from clt_lens.clt import CLTConfig, CrossLayerTranscoder
+from clt_lens.clt import CLTConfig, CrossLayerTranscoder, cpu_kernels
 from clt_lens.clt.activation_fns import jumprelu
 from clt_lens.clt.sparse import (
     Support,
@@ -21,6 +21,14 @@ from clt_lens.clt.sparse import (
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWarning")
 
 L, B, F, D = 3, 7, 11, 5
+
+
+@pytest.fixture(autouse=True, params=["cpu_kernels", "torch_ops"])
+def decode_backend(request):
+    """Every test here runs on both CPU decode paths: the C kernels and torch's sparse ops."""
+    old = cpu_kernels.set_enabled(request.param == "cpu_kernels")
+    yield request.param
+    cpu_kernels.set_enabled(old)
 
 
 def naive_decode(acts_lbf: torch.Tensor, w_dec: list[torch.Tensor]) -> torch.Tensor:

@@ -16,6 +16,9 @@ under autograd would make it zero-fill a full-size gradient buffer per slice.
   transposed CSR.
   The ``*_with_norms`` variants also return the decoder norms [L, F] and fold their gradient
   into the decoder's, saving passes over every decoder weight.
+  On the CPU, ``cpu_kernels`` (a small C library built at first use) does the same work in
+  one pass per decoder row, forward and backward; torch's ops remain the reference and the
+  fallback (CUDA, half-precision decoders, no compiler).
 - ``dense_decode``: the same with dense matmuls, for dense activations.
 ``encoder_grad_gather`` gathers pre-activations at the support and gives the encoder sparse
 gradients (W_enc, b_enc and, if needed, the input).
@@ -29,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from clt_lens.clt import cpu_kernels
 
 # torch warns once per process that CSR support is "beta"; these kernels are tested here.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -187,10 +192,25 @@ def _decoder_norms(w_dec: tuple[Tensor, ...]) -> Tensor:
     return torch.stack([w.reshape(w.shape[0], -1).norm(dim=1) for w in w_dec])
 
 
+def _norm_grad_scale(norm: Tensor, grad_norm: Tensor) -> Tensor:
+    """dL/dnorm / norm: the norms' gradient is this times w (zero-norm features get none)."""
+    return torch.where(norm > 0, grad_norm / norm.clamp(min=torch.finfo(norm.dtype).tiny), 0)
+
+
 def _add_norm_grad_(grad_w: Tensor, w: Tensor, norm: Tensor, grad_norm: Tensor) -> None:
-    """grad_w += dL/dnorm * w / norm, in place (zero-norm features get no gradient)."""
-    scale = torch.where(norm > 0, grad_norm / norm.clamp(min=torch.finfo(norm.dtype).tiny), 0)
+    """grad_w += dL/dnorm * w / norm, in place."""
+    scale = _norm_grad_scale(norm, grad_norm)
     grad_w.addcmul_(w, scale.view(-1, *([1] * (w.dim() - 1))))
+
+
+def _to_support_order(
+    grad_values_t: Tensor | None, support: Support, dtype: torch.dtype
+) -> Tensor | None:
+    """dL/da computed in the transposed (feature-major) order, back in the support's order."""
+    if grad_values_t is None:
+        return None
+    perm = support.transposed()[0]
+    return torch.empty_like(grad_values_t).index_copy_(0, perm, grad_values_t).to(dtype)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -202,6 +222,15 @@ class _SparseDecode(torch.autograd.Function):
         d = w_dec[0].shape[-1]
         ctx.values_dtype = values.dtype
         values = values.to(w_dec[0].dtype)  # autocast may hand us half-precision values
+        ctx.kernels = cpu_kernels.applies(values, *w_dec)
+        if ctx.kernels:  # one pass over each decoder row, in the support's transposed order
+            values_t = values[support.transposed()[0]]
+            out, norms = cpu_kernels.decode_forward(support, values_t, w_dec, with_norms)
+            norms = values.new_zeros(0) if norms is None else norms
+            ctx.support = support
+            ctx.save_for_backward(values_t, norms, *w_dec)
+            ctx.mark_non_differentiable(*([] if with_norms else [norms]))
+            return out, norms
         # zeros at kept positions (JumpReLU's kernel window) need dL/da but add nothing to the
         # output or to dL/dW_dec: decode and the decoder gradient use the nonzeros only
         nonzero = values != 0
@@ -227,6 +256,8 @@ class _SparseDecode(torch.autograd.Function):
     def backward(
         ctx: Any, grad_out: Tensor, grad_norms: Tensor | None
     ) -> tuple[Tensor | None, ...]:
+        if ctx.kernels:
+            return _SparseDecode._kernel_backward(ctx, grad_out, grad_norms)
         support: Support = ctx.support
         active: Support = ctx.active
         values, active_values, norms, *w_dec = ctx.saved_tensors
@@ -260,10 +291,23 @@ class _SparseDecode(torch.autograd.Function):
                     grads_w[i] = torch.zeros_like(w)
                 if grad_norms is not None and norms.numel():
                     _add_norm_grad_(grads_w[i], w, norms[i], grad_norms[i])
-        grad_values = None
-        if grad_values_t is not None:
-            grad_values = torch.empty_like(grad_values_t).index_copy_(0, perm, grad_values_t)
-            grad_values = grad_values.to(ctx.values_dtype)
+        grad_values = _to_support_order(grad_values_t, support, ctx.values_dtype)
+        return (None, None, grad_values, *grads_w)
+
+    @staticmethod
+    def _kernel_backward(
+        ctx: Any, grad_out: Tensor, grad_norms: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        support: Support = ctx.support
+        values_t, norms, *w_dec = ctx.saved_tensors
+        scale = None
+        if grad_norms is not None and norms.numel():
+            scale = _norm_grad_scale(norms, grad_norms)
+        grad_values_t, grads_w = cpu_kernels.decode_backward(
+            support, values_t, w_dec, grad_out, scale, ctx.needs_input_grad[2],
+            ctx.needs_input_grad[3:],
+        )
+        grad_values = _to_support_order(grad_values_t, support, ctx.values_dtype)
         return (None, None, grad_values, *grads_w)
 
 

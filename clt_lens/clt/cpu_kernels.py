@@ -1,0 +1,218 @@
+"""The CPU decode kernels (``cpu_kernels.c``): built at first use, with torch's ops as fallback.
+
+``sparse.py`` decodes through these on the CPU when they load and every tensor is a contiguous
+float32/float64 CPU tensor; otherwise (CUDA, half-precision decoders, no C compiler, or
+``CLT_LENS_CPU_KERNELS=0`` in the environment) it uses torch's sparse ops, which compute the
+same values (benchmarks/train.py times the training step both ways).
+
+The shared library is compiled once per source, compiler and CPU with the C compiler in
+``$CC`` (else ``cc``) into ``$CLT_LENS_KERNEL_DIR`` (else ``~/.cache/clt_lens/kernels``), keyed
+by a hash of all three, and renamed into place so concurrent processes (torchrun ranks) never
+load a half-written file. A failed build warns once and falls back; it never stops a run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.profiler import record_function
+
+if TYPE_CHECKING:
+    from clt_lens.clt.sparse import Support
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+ENV_SWITCH = "CLT_LENS_CPU_KERNELS"
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+_library: ctypes.CDLL | None = None
+_tried = False
+_enabled = True
+
+
+def set_enabled(flag: bool) -> bool:
+    """Use the kernels where they apply (True) or always torch's ops; returns the old value."""
+    global _enabled
+    old, _enabled = _enabled, bool(flag)
+    return old
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and its CPU's model and feature flags."""
+    lines = [platform.machine()]
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part"):
+                lines.append(line)
+                if len(lines) > 3:
+                    break
+    except OSError:
+        pass
+    return "\n".join(lines)
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+                    _cpu_signature().encode()])  # fmt: skip
+    ).hexdigest()[:16]
+    folder = Path(os.environ.get("CLT_LENS_KERNEL_DIR") or
+                  Path.home() / ".cache" / "clt_lens" / "kernels")  # fmt: skip
+    target = folder / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([cc, *_FLAGS, str(SOURCE), "-o", str(built)],
+                                capture_output=True, text=True)  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {result.stderr.strip()[-400:]}")
+        os.replace(built, target)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    for sfx in _SUFFIX.values():
+        fwd = getattr(lib, f"clt_decode_forward_{sfx}")
+        fwd.argtypes = [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+        fwd.restype = ctypes.c_int
+        bwd = getattr(lib, f"clt_decode_backward_{sfx}")
+        bwd.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+        bwd.restype = ctypes.c_int
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on the first call; None where they cannot be built."""
+    global _library, _tried
+    if not _tried:
+        _tried = True
+        cc = _compiler()
+        try:
+            if cc is None:
+                raise RuntimeError("no C compiler found (set CC, or install gcc)")
+            lib = ctypes.CDLL(str(_build(cc)))
+            _declare(lib)
+            _library = lib
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            warnings.warn(
+                f"clt_lens: CPU decode kernels unavailable ({exc}); decoding with torch's "
+                "sparse ops instead (same results, slower)", stacklevel=2,
+            )
+    return _library
+
+
+def _switched_on() -> bool:
+    return _enabled and os.environ.get(ENV_SWITCH, "1").strip() not in ("0", "false", "no")
+
+
+def applies(*tensors: Tensor) -> bool:
+    """Whether the kernels can take these: CPU, one float32/float64 dtype, contiguous."""
+    if not _switched_on() or not tensors or tensors[0].dtype not in _SUFFIX:
+        return False
+    if any(t.device.type != "cpu" or t.dtype != tensors[0].dtype or not t.is_contiguous()
+           for t in tensors):  # fmt: skip
+        return False
+    return library() is not None
+
+
+def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _at(t: Tensor, offset: int) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr() + offset * t.element_size())
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"clt_lens CPU kernel {what} failed to start its threads (rc={rc})")
+
+
+def decode_forward(
+    support: Support, values_t: Tensor, w_dec: Sequence[Tensor], with_norms: bool
+) -> tuple[Tensor, Tensor | None]:
+    """[B, L, d] decoded output and (if asked) the decoder norms [L, F]; ``values_t`` are the
+    support's values in its transposed (feature-major) order."""
+    lib = library()
+    assert lib is not None
+    kernel = getattr(lib, f"clt_decode_forward_{_SUFFIX[values_t.dtype]}")
+    n_layers, batch, n_features = support.n_layers, support.batch, support.n_features
+    d = w_dec[0].shape[-1]
+    n_threads = max(1, torch.get_num_threads())
+    _, crow_t, tok_t = support.transposed()
+    out = values_t.new_zeros(batch, n_layers, d)
+    sumsq = values_t.new_empty(n_layers, n_features) if with_norms else None
+    with record_function("clt_lens::decode_forward"):
+        for i, w in enumerate(w_dec):
+            a = support.layer_ptr[i]
+            row = w[0].numel() if n_features else 0
+            _check(kernel(n_features, batch, row, n_layers * d, _ptr(crow_t[i]), _at(tok_t, a),
+                          _at(values_t, a), _ptr(w), _at(out, i * d),
+                          None if sumsq is None else _ptr(sumsq[i]), n_threads),
+                   "decode_forward")  # fmt: skip
+    return out, None if sumsq is None else sumsq.sqrt_()
+
+
+def decode_backward(
+    support: Support,
+    values_t: Tensor,
+    w_dec: Sequence[Tensor],
+    grad_out: Tensor,
+    norm_scale: Tensor | None,
+    need_values: bool,
+    need_w: Sequence[bool],
+) -> tuple[Tensor | None, list[Tensor | None]]:
+    """dL/d values (in the transposed order) and dL/dW_dec per source layer.
+
+    ``norm_scale`` [L, F] is dL/d|W_dec[f]| / |W_dec[f]|: the decoder norms' gradient, folded
+    into dL/dW_dec in the same pass.
+    """
+    lib = library()
+    assert lib is not None
+    kernel = getattr(lib, f"clt_decode_backward_{_SUFFIX[values_t.dtype]}")
+    n_layers, n_features = support.n_layers, support.n_features
+    d = w_dec[0].shape[-1]
+    n_threads = max(1, torch.get_num_threads())
+    _, crow_t, tok_t = support.transposed()
+    grad_out = grad_out.to(values_t.dtype).contiguous()
+    if norm_scale is not None:
+        norm_scale = norm_scale.to(values_t.dtype).contiguous()
+    grad_values_t = torch.empty_like(values_t) if need_values else None
+    grads_w = [torch.empty_like(w) if need else None for w, need in zip(w_dec, need_w)]
+    with record_function("clt_lens::decode_backward"):
+        for i, (w, gw) in enumerate(zip(w_dec, grads_w)):
+            if gw is None and grad_values_t is None:
+                continue
+            a = support.layer_ptr[i]
+            row = w[0].numel() if n_features else 0
+            _check(kernel(n_features, row, n_layers * d, _ptr(crow_t[i]), _at(tok_t, a),
+                          _at(values_t, a), _ptr(w), _at(grad_out, i * d),
+                          None if norm_scale is None else _ptr(norm_scale[i]),
+                          None if grad_values_t is None else _at(grad_values_t, a), _ptr(gw),
+                          n_threads),
+                   "decode_backward")  # fmt: skip
+    return grad_values_t, grads_w
+
