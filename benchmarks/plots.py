@@ -128,7 +128,7 @@ def plot_train(data: dict[str, Any]) -> Path:
     for ax in axes:
         ax.set_xlabel("active features (% of F per layer)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower left")
+    axes[0].legend(fontsize=8, loc="upper right")
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # off the data
     fig.tight_layout()
     return _save(fig, "train", data)

@@ -155,6 +155,20 @@ BREAKS: dict[str, Break] = {
         "for (; k + 1 < n; k++) s += a[k] * b[k];",
         ["tests/test_cpu_kernels.py"],
     ),
+    "cpu_kernel_four_tokens": Break(
+        "C decode kernel: dL/dW_dec from four tokens per pass over the row",
+        "clt_lens/clt/cpu_kernels.c",
+        "(v2 * g2[k] + v3 * g3[k])",
+        "(v2 * g2[k])",
+        ["tests/test_cpu_kernels.py"],
+    ),
+    "cpu_kernel_token_split": Break(
+        "C decode kernel: the forward's threads cover every token",
+        "clt_lens/clt/cpu_kernels.c",
+        "n_tokens * (k + 1) / n_threads",
+        "(n_tokens * (k + 1) - 1) / n_threads",
+        ["tests/test_cpu_kernels.py"],
+    ),
     "host_memory": Break(
         "CPU training keeps its freed buffers instead of page-faulting them back every step",
         "clt_lens/training/host_memory.py",
