@@ -138,6 +138,11 @@ def applies(*tensors: Tensor) -> bool:
     return library() is not None
 
 
+def _threads() -> int:
+    """torch's intra-op thread count, within the kernels' limit (MAX_THREADS in the C file)."""
+    return min(max(1, torch.get_num_threads()), 256)
+
+
 def _ptr(t: Tensor | None) -> ctypes.c_void_p | None:
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
@@ -161,7 +166,7 @@ def decode_forward(
     kernel = getattr(lib, f"clt_decode_forward_{_SUFFIX[values_t.dtype]}")
     n_layers, batch, n_features = support.n_layers, support.batch, support.n_features
     d = w_dec[0].shape[-1]
-    n_threads = max(1, torch.get_num_threads())
+    n_threads = _threads()
     _, crow_t, tok_t = support.transposed()
     out = values_t.new_zeros(batch, n_layers, d)
     sumsq = values_t.new_empty(n_layers, n_features) if with_norms else None
@@ -195,7 +200,7 @@ def decode_backward(
     kernel = getattr(lib, f"clt_decode_backward_{_SUFFIX[values_t.dtype]}")
     n_layers, n_features = support.n_layers, support.n_features
     d = w_dec[0].shape[-1]
-    n_threads = max(1, torch.get_num_threads())
+    n_threads = _threads()
     _, crow_t, tok_t = support.transposed()
     grad_out = grad_out.to(values_t.dtype).contiguous()
     if norm_scale is not None:
