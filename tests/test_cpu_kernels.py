@@ -165,3 +165,12 @@ def test_build_is_cached_and_keyed_by_source(monkeypatch, tmp_path):
     changed.write_text(cpu_kernels.SOURCE.read_text() + "\n/* changed */\n")
     monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
     assert cpu_kernels._build(cc) != first
+
+
+def test_mismatched_sizes_raise_before_the_c_code(kernels):
+    support, values, w_dec, grad_out, _ = _case()
+    bad = [*w_dec[:-1], w_dec[-1][:, :, :-1].contiguous()]  # one decoder with a smaller d
+    with pytest.raises(ValueError, match=r"W_dec\[3\] has shape"):
+        sparse_decode(support, values, bad)
+    with pytest.raises((ValueError, IndexError)):  # the gather into feature-major order
+        sparse_decode(support, values[:-1], w_dec)

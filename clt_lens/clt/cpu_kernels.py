@@ -151,6 +151,26 @@ def _at(t: Tensor, offset: int) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr() + offset * t.element_size())
 
 
+def _check_shapes(support: Support, values_t: Tensor, w_dec: Sequence[Tensor],
+                  grad_out: Tensor | None = None) -> None:  # fmt: skip
+    """The C code trusts every size it is given: a mismatch must stop here, not corrupt memory."""
+    n_layers, n_features = support.n_layers, support.n_features
+    d = w_dec[0].shape[-1] if w_dec else 0
+    if len(w_dec) != n_layers or values_t.numel() != support.nnz:
+        raise ValueError(
+            f"sparse decode: {len(w_dec)} decoders and {values_t.numel()} values for a "
+            f"support of {n_layers} layers and {support.nnz} entries"
+        )
+    for i, w in enumerate(w_dec):
+        if w.dim() != 3 or w.shape[0] != n_features or w.shape[2] != d or \
+                i + w.shape[1] > n_layers:
+            raise ValueError(f"sparse decode: W_dec[{i}] has shape {tuple(w.shape)}; expected "
+                             f"[{n_features}, <= {n_layers - i}, {d}]")  # fmt: skip
+    if grad_out is not None and tuple(grad_out.shape) != (support.batch, n_layers, d):
+        raise ValueError(f"sparse decode: gradient of shape {tuple(grad_out.shape)}, expected "
+                         f"{(support.batch, n_layers, d)}")  # fmt: skip
+
+
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         raise RuntimeError(f"clt_lens CPU kernel {what} failed to start its threads (rc={rc})")
@@ -164,6 +184,7 @@ def decode_forward(
     lib = library()
     assert lib is not None
     kernel = getattr(lib, f"clt_decode_forward_{_SUFFIX[values_t.dtype]}")
+    _check_shapes(support, values_t, w_dec)
     n_layers, batch, n_features = support.n_layers, support.batch, support.n_features
     d = w_dec[0].shape[-1]
     n_threads = _threads()
@@ -198,6 +219,7 @@ def decode_backward(
     lib = library()
     assert lib is not None
     kernel = getattr(lib, f"clt_decode_backward_{_SUFFIX[values_t.dtype]}")
+    _check_shapes(support, values_t, w_dec, grad_out)
     n_layers, n_features = support.n_layers, support.n_features
     d = w_dec[0].shape[-1]
     n_threads = _threads()
