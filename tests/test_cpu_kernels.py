@@ -54,7 +54,8 @@ def _run(use_kernels, support, values, w_dec, grad_out, grad_norms, need_w=None)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_kernels_equal_torch_ops(kernels, dtype, threads):
+def test_kernels_equal_torch_ops(kernels, dtype, threads, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)  # threads even for this small case
     case = _case(dtype=dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -122,7 +123,8 @@ def test_partial_gradients_and_gradcheck(kernels):
     )
 
 
-def test_results_are_bitwise_independent_of_threads(kernels):
+def test_results_are_bitwise_independent_of_threads(kernels, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)
     case = _case(n_layers=3, batch=64, n_features=96, d=32, density=0.1)
     results = []
     before = torch.get_num_threads()
@@ -174,3 +176,10 @@ def test_mismatched_sizes_raise_before_the_c_code(kernels):
         sparse_decode(support, values, bad)
     with pytest.raises((ValueError, IndexError)):  # the gather into feature-major order
         sparse_decode(support, values[:-1], w_dec)
+
+
+def test_small_calls_stay_on_one_thread(monkeypatch):
+    """Threads of our own only pay where the call is large (torch's workers spin meanwhile)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert cpu_kernels._threads(100, 1024, 128) == 1
+    assert cpu_kernels._threads(20_000, 2048, 3072) == 4

@@ -138,8 +138,17 @@ def applies(*tensors: Tensor) -> bool:
     return library() is not None
 
 
-def _threads() -> int:
-    """torch's intra-op thread count, within the kernels' limit (MAX_THREADS in the C file)."""
+# Below this many multiply-adds per call the kernels run on the calling thread alone: a thread
+# of their own would compete for a core with torch's OpenMP workers, which keep spinning after
+# each torch op (at the demo's shape, 2 threads took 19 ms where 1 took 14 and torch's ops 17).
+PARALLEL_WORK = 2**24
+
+
+def _threads(entries: int, n_features: int, row: int) -> int:
+    """Threads for one call: torch's intra-op count (within MAX_THREADS in the C file) when the
+    call is large enough to pay for them, else 1."""
+    if (entries + n_features) * row < PARALLEL_WORK:
+        return 1
     return min(max(1, torch.get_num_threads()), 256)
 
 
@@ -187,17 +196,17 @@ def decode_forward(
     _check_shapes(support, values_t, w_dec)
     n_layers, batch, n_features = support.n_layers, support.batch, support.n_features
     d = w_dec[0].shape[-1]
-    n_threads = _threads()
     _, crow_t, tok_t = support.transposed()
     out = values_t.new_zeros(batch, n_layers, d)
     sumsq = values_t.new_empty(n_layers, n_features) if with_norms else None
     with record_function("clt_lens::decode_forward"):
         for i, w in enumerate(w_dec):
-            a = support.layer_ptr[i]
+            a, b = support.layer_ptr[i], support.layer_ptr[i + 1]
             row = w[0].numel() if n_features else 0
             _check(kernel(n_features, batch, row, n_layers * d, _ptr(crow_t[i]), _at(tok_t, a),
                           _at(values_t, a), _ptr(w), _at(out, i * d),
-                          None if sumsq is None else _ptr(sumsq[i]), n_threads),
+                          None if sumsq is None else _ptr(sumsq[i]),
+                          _threads(b - a, n_features, row)),
                    "decode_forward")  # fmt: skip
     return out, None if sumsq is None else sumsq.sqrt_()
 
@@ -222,7 +231,6 @@ def decode_backward(
     _check_shapes(support, values_t, w_dec, grad_out)
     n_layers, n_features = support.n_layers, support.n_features
     d = w_dec[0].shape[-1]
-    n_threads = _threads()
     _, crow_t, tok_t = support.transposed()
     grad_out = grad_out.to(values_t.dtype).contiguous()
     if norm_scale is not None:
@@ -233,13 +241,13 @@ def decode_backward(
         for i, (w, gw) in enumerate(zip(w_dec, grads_w)):
             if gw is None and grad_values_t is None:
                 continue
-            a = support.layer_ptr[i]
+            a, b = support.layer_ptr[i], support.layer_ptr[i + 1]
             row = w[0].numel() if n_features else 0
             _check(kernel(n_features, row, n_layers * d, _ptr(crow_t[i]), _at(tok_t, a),
                           _at(values_t, a), _ptr(w), _at(grad_out, i * d),
                           None if norm_scale is None else _ptr(norm_scale[i]),
                           None if grad_values_t is None else _at(grad_values_t, a), _ptr(gw),
-                          n_threads),
+                          _threads(b - a, n_features, row)),
                    "decode_backward")  # fmt: skip
     return grad_values_t, grads_w
 
