@@ -63,12 +63,14 @@ _TOP = {
     "aten::sort": "support transposition (sort)",
     "clt_lens::decode_forward": "decoder forward and norms (C kernel)",
     "clt_lens::decode_backward": "decoder backward: dL/da, dL/dW_dec, norm gradient (C kernel)",
+    "clt_lens::encoder_grad": "encoder backward (C kernel: dL/dW_enc, dL/db_enc)",
+    "clt_lens::support_above": "support building (C kernel: compare, positions, values)",
 }
 _OTHER = "elementwise and small ops (activation, losses, metrics)"
 
 
 def _piece(ev) -> str:
-    if ev.name.startswith("clt_lens::"):  # our kernels' ranges, under _SparseDecode
+    if ev.name.startswith("clt_lens::"):  # our kernels' ranges
         return _TOP[ev.name]
     parent = ev.cpu_parent
     while parent is not None:

@@ -169,6 +169,27 @@ BREAKS: dict[str, Break] = {
         "(n_tokens * (k + 1) - 1) / n_threads",
         ["tests/test_cpu_kernels.py"],
     ),
+    "cpu_kernel_encoder_tail": Break(
+        "C encoder-gradient kernel: every entry of a feature, past its groups of four",
+        "clt_lens/clt/cpu_kernels.c",
+        "a[k] += v * xr[k];",
+        "a[k] += 0 * xr[k];",
+        ["tests/test_cpu_kernels.py"],
+    ),
+    "cpu_kernel_encoder_block": Break(
+        "C encoder-gradient kernel: whole blocks of features written to dW_enc's columns",
+        "clt_lens/clt/cpu_kernels.c",
+        "_mm256_stream_ps(o + j, _mm256_load_ps(tmp + j));",
+        "_mm256_stream_ps(o + j, _mm256_load_ps(tmp));",
+        ["tests/test_cpu_kernels.py"],
+    ),
+    "cpu_kernel_support_word": Break(
+        "C support kernel: every position of a row's last, partial 32-bit word",
+        "clt_lens/clt/cpu_kernels.c",
+        "const int64_t nf = f0 + 32 < F ? 32 : F - f0;",
+        "const int64_t nf = f0 + 32 < F ? 32 : F - f0 - 1;",
+        ["tests/test_cpu_kernels.py"],
+    ),
     "host_memory": Break(
         "CPU training keeps its freed buffers instead of page-faulting them back every step",
         "clt_lens/training/host_memory.py",

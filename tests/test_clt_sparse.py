@@ -126,7 +126,7 @@ def test_encoder_grad_gather_gradcheck(device):
         # the function recomputes pre so gradcheck's perturbations are seen; the bias is
         # added by encoder_grad_gather itself, at the kept positions only
         pre_ = torch.bmm(x_, w_).detach()
-        return encoder_grad_gather(support, pre_, x_, w_, b_)
+        return encoder_grad_gather(support, pre_.reshape(-1)[support.flat], x_, w_, b_)
 
     assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
     torch.testing.assert_close(fn(x, w, b), pre.reshape(-1)[support.flat])

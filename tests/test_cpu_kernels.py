@@ -1,4 +1,5 @@
-"""The C decode kernels against torch's ops: values, gradients, threads, fallback."""
+"""The C kernels against torch's ops: decode, encoder gradient and support building; values,
+gradients, threads, fallback."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import warnings
 import pytest
 import torch
 
-from clt_lens.clt import cpu_kernels
-from clt_lens.clt.sparse import Support, sparse_decode, sparse_decode_with_norms
+from clt_lens.clt import CLTConfig, CrossLayerTranscoder, cpu_kernels
+from clt_lens.clt.sparse import (
+    Support,
+    encoder_grad_gather,
+    sparse_decode,
+    sparse_decode_with_norms,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWarning")
 
@@ -183,3 +189,157 @@ def test_small_calls_stay_on_one_thread(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert cpu_kernels._threads(100, 1024, 128) == 1
     assert cpu_kernels._threads(20_000, 2048, 3072) == 4
+
+
+# ---- the encoder gradient -------------------------------------------------------------------
+def _encoder_case(n_features, dtype, n_layers=3, batch=37, d=20, density=0.15, seed=1):
+    """A support with an empty layer, features kept nowhere and single-token features (the
+    four-token loop's remainder); d not a multiple of the vector width."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n_layers, batch, n_features, generator=g) < density
+    mask[1] = False
+    mask[:, :, :3] = False
+    mask[0, :, 3] = False
+    mask[0, 5, 3] = True
+    support = Support.from_mask(mask)
+    x = torch.randn(n_layers, batch, d, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(n_layers, d, n_features, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(n_layers, n_features, generator=g, dtype=torch.float64).to(dtype)
+    grad = torch.randn(support.nnz, generator=g, dtype=torch.float64).to(dtype)
+    return support, x, w, b, grad
+
+
+def _encoder_grads(use_kernels, support, x, w, b, grad, need_w=True, need_b=True):
+    old = cpu_kernels.set_enabled(use_kernels)
+    try:
+        w_, b_ = w.clone().requires_grad_(need_w), b.clone().requires_grad_(need_b)
+        pre_s = torch.bmm(x, w).reshape(-1)[support.flat]
+        encoder_grad_gather(support, pre_s, x, w_, b_).backward(grad)
+        return w_.grad, b_.grad
+    finally:
+        cpu_kernels.set_enabled(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_features", [53, 80])  # a partial block; whole aligned blocks
+@pytest.mark.parametrize("threads", [1, 3])
+def test_encoder_gradient_equals_torch_ops(kernels, dtype, n_features, threads, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)
+    case = _encoder_case(n_features, dtype)
+    calls = []
+    real = cpu_kernels.encoder_grad
+    monkeypatch.setattr(cpu_kernels, "encoder_grad",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _encoder_grads(True, *case)
+        only_w = _encoder_grads(True, *case, need_b=False)
+        only_b = _encoder_grads(True, *case, need_w=False)
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 3
+    want = _encoder_grads(False, *case)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1], **tol)
+    assert torch.equal(only_w[0], got[0]) and only_w[1] is None
+    assert torch.equal(only_b[1], got[1]) and only_b[0] is None
+    assert not got[0][1].any()  # the empty layer's gradient is written, as zeros
+
+
+def test_encoder_gradient_is_bitwise_independent_of_threads(kernels, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)
+    case = _encoder_case(96, torch.float32, batch=64, density=0.3)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            results.append(_encoder_grads(True, *case))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        assert torch.equal(other[0], results[0][0]) and torch.equal(other[1], results[0][1])
+
+
+# ---- support building -----------------------------------------------------------------------
+def _above(use_kernels, pre, cut):
+    old = cpu_kernels.set_enabled(use_kernels)
+    try:
+        return Support.above(pre, cut)
+    finally:
+        cpu_kernels.set_enabled(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_features", [53, 96])  # a partial 32-bit word; whole words
+@pytest.mark.parametrize("threads", [1, 3])
+def test_support_above_equals_torch_ops(kernels, dtype, n_features, threads, monkeypatch):
+    """Every index array, the layer pointers and the values; ties at the cut, NaN and infinite
+    pre-activations, a layer with nothing kept and one with everything kept."""
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)
+    g = torch.Generator().manual_seed(2)
+    n_layers, batch = 4, 29
+    pre = torch.randn(n_layers, batch, n_features, generator=g, dtype=torch.float64).to(dtype)
+    cut = torch.rand(n_layers, n_features, generator=g, dtype=torch.float64).to(dtype) + 0.5
+    pre[0, 3, : n_features // 2] = cut[0, : n_features // 2]  # ties: not kept
+    pre[0, 4, 7], pre[0, 4, 9], pre[0, 4, 11] = float("nan"), float("inf"), -float("inf")
+    pre[0, 6, -1] = cut[0, -1] + 1  # the last feature of a row
+    cut[1] = float("inf")
+    cut[2] = -float("inf")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, got_values = _above(True, pre, cut)
+    finally:
+        torch.set_num_threads(before)
+    want, want_values = _above(False, pre, cut)
+    for name in ("flat", "rows", "cols", "lf", "crow"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.layer_ptr == want.layer_ptr
+    assert torch.equal(got_values, want_values) and got_values.dtype == dtype
+    assert got.layer_ptr[2] == got.layer_ptr[1]  # nothing passes +inf
+    assert got.layer_ptr[3] - got.layer_ptr[2] == batch * n_features  # everything passes -inf
+
+
+def test_the_cpu_training_step_builds_its_support_and_encoder_gradient_here(kernels, monkeypatch):
+    """JumpReLU and ReLU steps run both kernels; a step with them equals one without."""
+    calls = []
+    for name in ("support_above", "encoder_grad"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name,
+                            lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    for activation in ("jumprelu", "relu"):
+        torch.manual_seed(0)
+        clt = CrossLayerTranscoder(CLTConfig(d_in=24, d_sae=48, n_layers=3, decode="sparse",
+                                             activation=activation))  # fmt: skip
+        x, y = torch.randn(32, 3, 24) * 2, torch.randn(32, 3, 24)
+        grads = []
+        for use in (True, False):
+            old = cpu_kernels.set_enabled(use)
+            try:
+                clt.zero_grad()
+                out = clt.training_forward(x, y, sparsity_coeff=0.05)
+                out.loss.backward()
+                grads.append({n: p.grad.clone() for n, p in clt.named_parameters()
+                              if p.grad is not None})  # fmt: skip
+            finally:
+                cpu_kernels.set_enabled(old)
+        assert grads[0].keys() == grads[1].keys() and "W_enc" in grads[0]
+        for name in grads[0]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
+    assert calls == ["support_above", "encoder_grad"] * 2
+
+
+def test_support_and_encoder_sizes_are_checked_before_the_c_code(kernels):
+    pre = torch.randn(2, 5, 7)
+    with pytest.raises(ValueError, match="cut of shape"):
+        cpu_kernels.support_above(pre, torch.zeros(2, 6))
+    support, x, w, b, grad = _encoder_case(53, torch.float32)
+    with pytest.raises(ValueError, match="encoder gradient"):
+        cpu_kernels.encoder_grad(support, grad[:-1], x, True, True)
+    with pytest.raises(ValueError, match="encoder gradient"):
+        cpu_kernels.encoder_grad(support, grad, x[:, :-1].contiguous(), True, True)
+    with pytest.raises(ValueError, match="pre-activations of shape"):
+        encoder_grad_gather(support, torch.bmm(x, w), x, w, b)

@@ -23,6 +23,10 @@
  */
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #define MAX_THREADS 256
 #define CHUNK 8
@@ -151,6 +155,234 @@
     return rc;                                                                                  \
   }
 
+#define ENC_BLOCK 16 /* features per block: one 64-byte line of an fp32 row of dW_enc */
+
+/* One row's slice of a block of dW_enc: o[j] = acc[j * stride] for j < nb. A full, aligned
+ * block goes out with non-temporal stores: the rows of a block lie a page or more apart, so
+ * ordinary stores each wait for the line to be read first (about 40% slower here), and dW_enc
+ * is not read again until the optimizer's pass. */
+static inline void put_block_f32(float *o, const float *acc, int64_t stride, int64_t nb) {
+#if defined(__AVX__)
+  if (nb == ENC_BLOCK && ((uintptr_t)o & 31) == 0) {
+    float tmp[ENC_BLOCK] __attribute__((aligned(32)));
+    for (int j = 0; j < ENC_BLOCK; j++) tmp[j] = acc[j * stride];
+    for (int j = 0; j < ENC_BLOCK; j += 8) _mm256_stream_ps(o + j, _mm256_load_ps(tmp + j));
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < nb; j++) o[j] = acc[j * stride];
+}
+
+static inline void put_block_f64(double *o, const double *acc, int64_t stride, int64_t nb) {
+#if defined(__AVX__)
+  if (nb == ENC_BLOCK && ((uintptr_t)o & 31) == 0) {
+    double tmp[ENC_BLOCK] __attribute__((aligned(32)));
+    for (int j = 0; j < ENC_BLOCK; j++) tmp[j] = acc[j * stride];
+    for (int j = 0; j < ENC_BLOCK; j += 4) _mm256_stream_pd(o + j, _mm256_load_pd(tmp + j));
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < nb; j++) o[j] = acc[j * stride];
+}
+
+static inline void store_fence(void) {
+#if defined(__AVX__)
+  _mm_sfence(); /* non-temporal stores are visible to other threads after this */
+#endif
+}
+
+#define DEFINE_ENCODER_KERNEL(T, SFX)                                                          \
+  typedef struct {                                                                              \
+    int64_t n_features, d, next;                                                                \
+    const int64_t *crow, *tok;                                                                  \
+    const T *g, *x;                                                                             \
+    T *grad_w, *grad_b;                                                                         \
+    int failed;                                                                                 \
+  } enc_##SFX;                                                                                  \
+                                                                                                \
+  static void *enc_worker_##SFX(void *p) {                                                      \
+    enc_##SFX *A = (enc_##SFX *)p;                                                              \
+    const int64_t d = A->d, F = A->n_features;                                                  \
+    T *acc = (T *)malloc(sizeof(T) * ENC_BLOCK * (size_t)(d > 0 ? d : 1));                      \
+    if (!acc) {                                                                                 \
+      __atomic_store_n(&A->failed, 1, __ATOMIC_RELAXED);                                        \
+      return 0;                                                                                 \
+    }                                                                                           \
+    for (;;) {                                                                                  \
+      const int64_t f0 = __atomic_fetch_add(&A->next, ENC_BLOCK, __ATOMIC_RELAXED);             \
+      if (f0 >= F) break;                                                                       \
+      const int64_t nb = f0 + ENC_BLOCK < F ? ENC_BLOCK : F - f0;                               \
+      for (int64_t j = 0; j < nb; j++) { /* feature f0 + j's column, summed in entry order */  \
+        T *a = acc + j * d;                                                                     \
+        T gb = 0;                                                                               \
+        for (int64_t k = 0; k < d; k++) a[k] = 0;                                               \
+        int64_t e = A->crow[f0 + j];                                                            \
+        const int64_t e_end = A->crow[f0 + j + 1];                                              \
+        for (; e + 4 <= e_end; e += 4) { /* four tokens per pass over the accumulator */       \
+          const T v0 = A->g[e], v1 = A->g[e + 1], v2 = A->g[e + 2], v3 = A->g[e + 3];           \
+          const T *x0 = A->x + A->tok[e] * d, *x1 = A->x + A->tok[e + 1] * d;                   \
+          const T *x2 = A->x + A->tok[e + 2] * d, *x3 = A->x + A->tok[e + 3] * d;               \
+          gb += v0;                                                                             \
+          gb += v1;                                                                             \
+          gb += v2;                                                                             \
+          gb += v3;                                                                             \
+          for (int64_t k = 0; k < d; k++)                                                       \
+            a[k] += ((v0 * x0[k] + v1 * x1[k]) + (v2 * x2[k] + v3 * x3[k]));                    \
+        }                                                                                       \
+        for (; e < e_end; e++) {                                                                \
+          const T v = A->g[e];                                                                  \
+          const T *xr = A->x + A->tok[e] * d;                                                   \
+          gb += v;                                                                              \
+          for (int64_t k = 0; k < d; k++) a[k] += v * xr[k];                                    \
+        }                                                                                       \
+        if (A->grad_b) A->grad_b[f0 + j] = gb;                                                  \
+      }                                                                                         \
+      if (A->grad_w)                                                                            \
+        for (int64_t k = 0; k < d; k++) /* the block's columns of dW_enc [d, F] */             \
+          put_block_##SFX(A->grad_w + k * F + f0, acc + k, d, nb);                              \
+    }                                                                                           \
+    store_fence();                                                                              \
+    free(acc);                                                                                  \
+    return 0;                                                                                   \
+  }                                                                                             \
+                                                                                                \
+  /* dL/dW_enc [d, F] = x^T G and dL/db_enc [F] of one layer (either NULL: not needed), from G's \
+     entries in feature-major order (crow [F + 1], tok, g) and x [B, d]; every element is       \
+     written. Blocks of ENC_BLOCK features go to threads whole, each feature's entries summed   \
+     in order, so the result does not depend on the thread count. Returns -1 on bad arguments, \
+     -2 when memory ran out. */                                                                 \
+  int clt_encoder_grad_##SFX(int64_t n_features, int64_t d, const int64_t *crow,                \
+                             const int64_t *tok, const T *g, const T *x, T *grad_w, T *grad_b,  \
+                             int n_threads) {                                                   \
+    enc_##SFX A = {n_features, d, 0, crow, tok, g, x, grad_w, grad_b, 0};                       \
+    pthread_t th[MAX_THREADS];                                                                  \
+    int started = 1, rc = 0;                                                                    \
+    if (n_threads < 1 || n_threads > MAX_THREADS) return -1;                                    \
+    for (; started < n_threads; started++)                                                      \
+      if (pthread_create(&th[started], 0, enc_worker_##SFX, &A)) break;                         \
+    enc_worker_##SFX(&A);                                                                       \
+    for (int k = 1; k < started; k++) rc |= pthread_join(th[k], 0);                             \
+    return rc ? rc : (A.failed ? -2 : 0);                                                       \
+  }
+
+
+/* bit j set where x[j] > c[j], j < n <= 32 */
+static inline uint32_t above_bits_f32(const float *x, const float *c, int64_t n) {
+  uint32_t bits = 0;
+  int64_t j = 0;
+#if defined(__AVX__)
+  for (; j + 8 <= n; j += 8)
+    bits |= (uint32_t)_mm256_movemask_ps(
+                _mm256_cmp_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(c + j), _CMP_GT_OQ))
+            << j;
+#endif
+  for (; j < n; j++) bits |= (uint32_t)(x[j] > c[j]) << j;
+  return bits;
+}
+
+static inline uint32_t above_bits_f64(const double *x, const double *c, int64_t n) {
+  uint32_t bits = 0;
+  int64_t j = 0;
+#if defined(__AVX__)
+  for (; j + 4 <= n; j += 4)
+    bits |= (uint32_t)_mm256_movemask_pd(
+                _mm256_cmp_pd(_mm256_loadu_pd(x + j), _mm256_loadu_pd(c + j), _CMP_GT_OQ))
+            << j;
+#endif
+  for (; j < n; j++) bits |= (uint32_t)(x[j] > c[j]) << j;
+  return bits;
+}
+
+/* Where pre-activations pass a per-feature cut: the support of a threshold rule (JumpReLU's
+ * window, ReLU's zero), in two passes over pre [L*B, F] so that the caller can size the output
+ * exactly: one counts each row's kept positions, the other writes them from the row's offset
+ * (flat index into [L, B, F], token, feature, layer * F + feature, and the value). Rows are
+ * split between threads; every position lands at the same place whatever their number. */
+#define DEFINE_SUPPORT_KERNELS(T, SFX)                                                         \
+  typedef struct {                                                                              \
+    int64_t r_lo, r_hi, batch, F;                                                               \
+    const T *pre, *cut;                                                                         \
+    int64_t *counts;                                                                            \
+    const int64_t *offset;                                                                      \
+    int64_t *flat, *tok, *feat, *lf;                                                            \
+    T *vals;                                                                                    \
+  } above_##SFX;                                                                                \
+                                                                                                \
+  static void *count_worker_##SFX(void *p) {                                                    \
+    const above_##SFX *A = (const above_##SFX *)p;                                              \
+    const int64_t F = A->F;                                                                     \
+    for (int64_t r = A->r_lo; r < A->r_hi; r++) {                                               \
+      const T *x = A->pre + r * F, *c = A->cut + (r / A->batch) * F;                            \
+      int64_t n = 0;                                                                            \
+      for (int64_t f = 0; f < F; f++) n += x[f] > c[f];                                         \
+      A->counts[r] = n;                                                                         \
+    }                                                                                           \
+    return 0;                                                                                   \
+  }                                                                                             \
+                                                                                                \
+  static void *gather_worker_##SFX(void *p) {                                                   \
+    const above_##SFX *A = (const above_##SFX *)p;                                              \
+    const int64_t F = A->F;                                                                     \
+    for (int64_t r = A->r_lo; r < A->r_hi; r++) {                                               \
+      const int64_t layer = r / A->batch;                                                       \
+      const T *x = A->pre + r * F, *c = A->cut + layer * F;                                     \
+      int64_t o = A->offset[r];                                                                 \
+      for (int64_t f0 = 0; f0 < F; f0 += 32) { /* mostly nothing kept: 32 bits at a time */   \
+        const int64_t nf = f0 + 32 < F ? 32 : F - f0;                                           \
+        uint32_t bits = above_bits_##SFX(x + f0, c + f0, nf);                                   \
+        while (bits) {                                                                          \
+          const int64_t f = f0 + __builtin_ctz(bits);                                           \
+          bits &= bits - 1;                                                                     \
+          A->flat[o] = r * F + f;                                                               \
+          A->tok[o] = r - layer * A->batch;                                                     \
+          A->feat[o] = f;                                                                       \
+          A->lf[o] = layer * F + f;                                                             \
+          A->vals[o] = x[f];                                                                    \
+          o++;                                                                                  \
+        }                                                                                       \
+      }                                                                                         \
+    }                                                                                           \
+    return 0;                                                                                   \
+  }                                                                                             \
+                                                                                                \
+  static int run_rows_##SFX(void *(*worker)(void *), above_##SFX base, int64_t rows,            \
+                            int n_threads) {                                                    \
+    above_##SFX A[MAX_THREADS];                                                                 \
+    pthread_t th[MAX_THREADS];                                                                  \
+    int started = 1, rc = 0;                                                                    \
+    if (n_threads < 1 || n_threads > MAX_THREADS) return -1;                                    \
+    for (int k = 0; k < n_threads; k++) {                                                       \
+      A[k] = base;                                                                              \
+      A[k].r_lo = rows * k / n_threads;                                                         \
+      A[k].r_hi = rows * (k + 1) / n_threads;                                                   \
+    }                                                                                           \
+    for (; started < n_threads; started++)                                                      \
+      if (pthread_create(&th[started], 0, worker, &A[started])) break;                          \
+    for (int k = started; k < n_threads; k++) worker(&A[k]); /* no thread: inline */           \
+    worker(&A[0]);                                                                              \
+    for (int k = 1; k < started; k++) rc |= pthread_join(th[k], 0);                             \
+    return rc;                                                                                  \
+  }                                                                                             \
+                                                                                                \
+  /* counts [L * B]: kept positions per row of pre [L * B, F] against cut [L, F] */            \
+  int clt_count_above_##SFX(int64_t n_layers, int64_t batch, int64_t F, const T *pre,           \
+                            const T *cut, int64_t *counts, int n_threads) {                     \
+    above_##SFX a = {0, 0, batch, F, pre, cut, counts, 0, 0, 0, 0, 0, 0};                       \
+    return run_rows_##SFX(count_worker_##SFX, a, n_layers * batch, n_threads);                  \
+  }                                                                                             \
+                                                                                                \
+  /* offset [L * B]: where each row's kept positions start in the outputs [nnz] */             \
+  int clt_gather_above_##SFX(int64_t n_layers, int64_t batch, int64_t F, const T *pre,          \
+                             const T *cut, const int64_t *offset, int64_t *flat, int64_t *tok,  \
+                             int64_t *feat, int64_t *lf, T *vals, int n_threads) {              \
+    above_##SFX a = {0, 0, batch, F, pre, cut, 0, offset, flat, tok, feat, lf, vals};           \
+    return run_rows_##SFX(gather_worker_##SFX, a, n_layers * batch, n_threads);                 \
+  }
+
 DEFINE_KERNELS(float, f32)
 DEFINE_KERNELS(double, f64)
+DEFINE_ENCODER_KERNEL(float, f32)
+DEFINE_ENCODER_KERNEL(double, f64)
+DEFINE_SUPPORT_KERNELS(float, f32)
+DEFINE_SUPPORT_KERNELS(double, f64)
 

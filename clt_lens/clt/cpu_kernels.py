@@ -102,6 +102,15 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd = getattr(lib, f"clt_decode_backward_{sfx}")
         bwd.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
         bwd.restype = ctypes.c_int
+        enc = getattr(lib, f"clt_encoder_grad_{sfx}")
+        enc.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+        enc.restype = ctypes.c_int
+        count = getattr(lib, f"clt_count_above_{sfx}")
+        count.argtypes = [_I, _I, _I, _P, _P, _P, ctypes.c_int]
+        count.restype = ctypes.c_int
+        gather = getattr(lib, f"clt_gather_above_{sfx}")
+        gather.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+        gather.restype = ctypes.c_int
 
 
 def library() -> ctypes.CDLL | None:
@@ -181,6 +190,8 @@ def _check_shapes(support: Support, values_t: Tensor, w_dec: Sequence[Tensor],
 
 
 def _check(rc: int, what: str) -> None:
+    if rc == -2:
+        raise MemoryError(f"clt_lens CPU kernel {what}: out of memory for its work buffer")
     if rc != 0:
         raise RuntimeError(f"clt_lens CPU kernel {what} failed to start its threads (rc={rc})")
 
@@ -251,3 +262,67 @@ def decode_backward(
                    "decode_backward")  # fmt: skip
     return grad_values_t, grads_w
 
+
+
+def encoder_grad(
+    support: Support, grad_t: Tensor, x_lbd: Tensor, need_w: bool, need_b: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """dL/dW_enc [L, d, F] and dL/db_enc [L, F] from the gradient at the support's entries,
+    given in its transposed (feature-major) order, and the encoder's inputs ``x_lbd`` [L, B, d].
+
+    Written straight into W_enc's [d, F] layout, a block of features at a time: torch's path
+    computes [F, d] and then copies it transposed, which took longer than the product itself.
+    """
+    lib = library()
+    assert lib is not None
+    kernel = getattr(lib, f"clt_encoder_grad_{_SUFFIX[grad_t.dtype]}")
+    n_layers, batch, n_features = support.n_layers, support.batch, support.n_features
+    if grad_t.numel() != support.nnz or x_lbd.dim() != 3 or \
+            tuple(x_lbd.shape[:2]) != (n_layers, batch):
+        raise ValueError(f"encoder gradient: {grad_t.numel()} values and inputs of shape "
+                         f"{tuple(x_lbd.shape)} for a support of {support.nnz} entries over "
+                         f"[{n_layers}, {batch}, {n_features}]")  # fmt: skip
+    d = x_lbd.shape[2]
+    _, crow_t, tok_t = support.transposed()
+    grad_w = grad_t.new_empty(n_layers, d, n_features) if need_w else None
+    grad_b = grad_t.new_empty(n_layers, n_features) if need_b else None
+    if not need_w and not need_b:
+        return None, None
+    with record_function("clt_lens::encoder_grad"):
+        for i in range(n_layers):
+            a, b = support.layer_ptr[i], support.layer_ptr[i + 1]
+            _check(kernel(n_features, d, _ptr(crow_t[i]), _at(tok_t, a), _at(grad_t, a),
+                          _ptr(x_lbd[i]), None if grad_w is None else _ptr(grad_w[i]),
+                          None if grad_b is None else _ptr(grad_b[i]),
+                          _threads(b - a, n_features, d)),
+                   "encoder_grad")  # fmt: skip
+    return grad_w, grad_b
+
+
+def support_above(pre_lbf: Tensor, cut_lf: Tensor) -> tuple[Tensor, ...]:
+    """Where ``pre_lbf`` [L, B, F] > ``cut_lf`` [L, F], in (l, b, f) order: (per-row counts
+    [L, B], flat index, token, feature, layer * F + feature, value), one pass to count and one
+    to write (torch's compare, ``nonzero`` and gather took three, plus a [L, B, F] mask)."""
+    lib = library()
+    assert lib is not None
+    sfx = _SUFFIX[pre_lbf.dtype]
+    n_layers, batch, n_features = pre_lbf.shape
+    if tuple(cut_lf.shape) != (n_layers, n_features) or cut_lf.dtype != pre_lbf.dtype:
+        raise ValueError(f"support: cut of shape {tuple(cut_lf.shape)} ({cut_lf.dtype}) for "
+                         f"pre-activations {tuple(pre_lbf.shape)} ({pre_lbf.dtype})")
+    counts = torch.empty(n_layers, batch, dtype=torch.int64)
+    threads = _threads(0, pre_lbf.numel(), 1)
+    with record_function("clt_lens::support_above"):
+        _check(getattr(lib, f"clt_count_above_{sfx}")(
+            n_layers, batch, n_features, _ptr(pre_lbf), _ptr(cut_lf), _ptr(counts), threads),
+            "count_above")  # fmt: skip
+        offset = counts.view(-1).cumsum(0)
+        nnz = int(offset[-1]) if offset.numel() else 0
+        offset -= counts.view(-1)
+        flat, tok, feat, lf = (torch.empty(nnz, dtype=torch.int64) for _ in range(4))
+        vals = pre_lbf.new_empty(nnz)
+        _check(getattr(lib, f"clt_gather_above_{sfx}")(
+            n_layers, batch, n_features, _ptr(pre_lbf), _ptr(cut_lf), _ptr(offset), _ptr(flat),
+            _ptr(tok), _ptr(feat), _ptr(lf), _ptr(vals), threads),
+            "gather_above")  # fmt: skip
+    return counts, flat, tok, feat, lf, vals

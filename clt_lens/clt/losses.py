@@ -144,8 +144,9 @@ def training_forward(
     loss = losses["mse"] + losses["sparsity"] + losses["preact"] + losses["auxk"]
 
     with torch.no_grad():
-        centred = y_n - y_n.mean(0, keepdim=True)
-        fvu = err.pow(2).sum(dim=(0, 2)) / centred.pow(2).sum(dim=(0, 2)).clamp(min=1e-12)
+        # per-layer sums over the batch: the MSE's own (one pass fewer than err.pow again)
+        variance = y_n.var(dim=0, correction=0).sum(-1)
+        fvu = mse_per_layer.detach() / variance.clamp(min=1e-12 / batch)
         if act.running_threshold and clt.training:
             act.update_running_threshold_(clt, comm.all_reduce_(step.min_positive, "min"))
 
@@ -185,9 +186,9 @@ def _sparse_step(
         # without the bias: JumpReLU moves it into the support test, saving a pass over [L,B,F]
         pre_nobias = torch.bmm(x_lbd, clt.W_enc)
         bias = clt.b_enc.detach().to(pre_nobias.dtype).unsqueeze(1)
-        support = act.training_support(clt, pre_nobias, bias, theta, comm)
-    pre_s = encoder_grad_gather(support, pre_nobias, x_lbd, clt.W_enc, clt.b_enc)
-    del pre_nobias
+        support, pre_s_nobias = act.training_support(clt, pre_nobias, bias, theta, comm)
+        del pre_nobias
+    pre_s = encoder_grad_gather(support, pre_s_nobias, x_lbd, clt.W_enc, clt.b_enc)
     acts_s = act.activate_support(clt, pre_s, theta, support)
     partial, w_norm = sparse_decode_with_norms(support, acts_s, list(clt.W_dec))
     penalty = _penalty(cfg, acts_s, w_norm.reshape(-1)[support.lf])

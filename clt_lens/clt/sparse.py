@@ -20,8 +20,9 @@ under autograd would make it zero-fill a full-size gradient buffer per slice.
   one pass per decoder row, forward and backward; torch's ops remain the reference and the
   fallback (CUDA, half-precision decoders, no compiler).
 - ``dense_decode``: the same with dense matmuls, for dense activations.
-``encoder_grad_gather`` gathers pre-activations at the support and gives the encoder sparse
-gradients (W_enc, b_enc and, if needed, the input).
+``encoder_grad_gather`` takes pre-activations at the support and gives the encoder sparse
+gradients (W_enc, b_enc and, if needed, the input); on the CPU the C kernels write W_enc's
+gradient and build a threshold rule's support (``Support.above``) too.
 """
 
 from __future__ import annotations
@@ -129,6 +130,27 @@ class Support:
         n_layers, batch, n_features = mask_lbf.shape
         flat = mask_lbf.reshape(-1).nonzero().squeeze(1)
         return cls.from_flat(flat, n_layers, batch, n_features)
+
+    @classmethod
+    def above(cls, pre_lbf: Tensor, cut_lf: Tensor) -> tuple[Support, Tensor]:
+        """Positions where ``pre_lbf`` [L, B, F] > ``cut_lf`` [L, F] (a per-feature cut), and
+        the values of ``pre_lbf`` there."""
+        n_layers, batch, n_features = pre_lbf.shape
+        cut_lf = cut_lf.to(pre_lbf.dtype)
+        if not cpu_kernels.applies(pre_lbf, cut_lf.contiguous()):
+            support = cls.from_mask(pre_lbf > cut_lf.unsqueeze(1))
+            return support, pre_lbf.reshape(-1)[support.flat]
+        counts, flat, rows, cols, lf, values = cpu_kernels.support_above(
+            pre_lbf, cut_lf.contiguous()
+        )
+        crow = torch.zeros(n_layers, batch + 1, dtype=torch.int64)
+        torch.cumsum(counts, 1, out=crow[:, 1:])
+        layer_ptr = [0]
+        for c in crow[:, -1].tolist():
+            layer_ptr.append(layer_ptr[-1] + int(c))
+        support = cls(n_layers=n_layers, batch=batch, n_features=n_features, flat=flat,
+                      rows=rows, cols=cols, lf=lf, layer_ptr=layer_ptr, crow=crow)  # fmt: skip
+        return support, values
 
     @classmethod
     def from_layer_indices(cls, idx: Tensor, batch: int, n_features: int) -> Support:
@@ -355,12 +377,14 @@ class _DenseDecode(torch.autograd.Function):
 class _EncoderGradGather(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, support: Support, pre_lbf: Tensor, x_lbd: Tensor, w_enc: Tensor, b_enc: Tensor
+        ctx: Any, support: Support, pre_s: Tensor, x_lbd: Tensor, w_enc: Tensor, b_enc: Tensor
     ) -> Tensor:
+        if pre_s.shape != (support.nnz,):
+            raise ValueError(f"encoder_grad_gather: pre-activations of shape "
+                             f"{tuple(pre_s.shape)} for a support of {support.nnz} entries")
         ctx.support = support
         ctx.save_for_backward(x_lbd, w_enc)
-        bias = b_enc.reshape(-1)[support.lf].to(pre_lbf.dtype)
-        return pre_lbf.reshape(-1)[support.flat] + bias
+        return pre_s + b_enc.reshape(-1)[support.lf].to(pre_s.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -368,6 +392,11 @@ class _EncoderGradGather(torch.autograd.Function):
         x_lbd, w_enc = ctx.saved_tensors
         _, need_x, need_w, need_b = ctx.needs_input_grad[1:]
         grad = grad.to(w_enc.dtype)
+        if not need_x and cpu_kernels.applies(grad, x_lbd, w_enc):
+            grad_w, grad_b = cpu_kernels.encoder_grad(
+                support, grad[support.transposed()[0]], x_lbd, need_w, need_b
+            )
+            return None, None, None, grad_w, grad_b
         grad_x = torch.zeros_like(x_lbd) if need_x else None
         grad_w = torch.empty_like(w_enc) if need_w else None
         grad_b = None
@@ -417,12 +446,12 @@ def dense_decode_with_norms(acts_lbf: Tensor, w_dec: list[Tensor]) -> tuple[Tens
 
 
 def encoder_grad_gather(
-    support: Support, pre_lbf: Tensor, x_lbd: Tensor, w_enc: Tensor, b_enc: Tensor
+    support: Support, pre_s: Tensor, x_lbd: Tensor, w_enc: Tensor, b_enc: Tensor
 ) -> Tensor:
     """Pre-activations at the support, with sparse encoder gradients.
 
-    ``pre_lbf`` is ``bmm(x_lbd, w_enc)`` computed without autograd and *without* the bias,
-    which is added here for the kept positions only. Only the kept positions' gradients flow
-    back, which is exact when the loss depends on pre-activations only there.
+    ``pre_s`` holds ``bmm(x_lbd, w_enc)`` at the support's positions (in its order), computed
+    without autograd and *without* the bias, which is added here. Only the kept positions'
+    gradients flow back, which is exact when the loss depends on pre-activations only there.
     """
-    return _EncoderGradGather.apply(support, pre_lbf, x_lbd, w_enc, b_enc)  # type: ignore[return-value]
+    return _EncoderGradGather.apply(support, pre_s, x_lbd, w_enc, b_enc)  # type: ignore[return-value]

@@ -98,10 +98,10 @@ class Activation:
         bias: Tensor,
         theta: Tensor | None,
         comm: FeatureComm,
-    ) -> Support:
+    ) -> tuple[Support, Tensor]:
         """Positions [L, B, F] whose dL/da the training step needs, from the pre-activations
-        without ``b_enc`` (``bias`` [L, 1, F], detached; no grad)."""
-        return Support.from_mask(pre_nobias + bias > 0)
+        without ``b_enc`` (``bias`` [L, 1, F], detached; no grad), and ``pre_nobias`` there."""
+        return Support.above(pre_nobias, -bias.squeeze(1))
 
     def activate_support(
         self, clt: CrossLayerTranscoder, pre_s: Tensor, theta: Tensor | None, support: Support

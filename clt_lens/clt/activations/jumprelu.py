@@ -58,14 +58,14 @@ class JumpReLU(Activation):
         bias: Tensor,
         theta: Tensor | None,
         comm: FeatureComm,
-    ) -> Support:
+    ) -> tuple[Support, Tensor]:
         assert theta is not None
         lower = jumprelu_support_threshold(theta.detach(), clt.cfg.jumprelu_bandwidth)
-        lower = lower.to(bias.dtype).unsqueeze(1)
+        lower, bias = lower.to(bias.dtype), bias.squeeze(1)
         # the bias moves into the test (saving a pass over [L, B, F]); a few ulps of slack keep
         # the support a superset of the positions the kernel keeps once rounded as pre + b
         slack = 4 * torch.finfo(bias.dtype).eps * (lower.abs() + bias.abs())
-        return Support.from_mask(pre_nobias > lower - bias - slack)
+        return Support.above(pre_nobias, lower - bias - slack)
 
     def activate_support(
         self, clt: CrossLayerTranscoder, pre_s: Tensor, theta: Tensor | None, support: Support

@@ -56,11 +56,13 @@ class TopK(Activation):
         bias: Tensor,
         theta: Tensor | None,
         comm: FeatureComm,
-    ) -> Support:
+    ) -> tuple[Support, Tensor]:
         pre = pre_nobias + bias
         if comm.size > 1:
-            return Support.from_mask(self.global_mask(clt, pre, comm))
-        return self.local_support(clt, pre)
+            support = Support.from_mask(self.global_mask(clt, pre, comm))
+        else:
+            support = self.local_support(clt, pre)
+        return support, pre_nobias.reshape(-1)[support.flat]
 
     def local_support(self, clt: CrossLayerTranscoder, pre: Tensor) -> Support:
         return Support.from_row_indices(topk_indices(pre, clt.cfg.k), pre.shape[-1])
