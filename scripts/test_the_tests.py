@@ -162,6 +162,15 @@ BREAKS: dict[str, Break] = {
         "(v2 * g2[k])",
         ["tests/test_cpu_kernels.py"],
     ),
+    "cpu_kernel_fused_pass": Break(
+        "C decode kernel: dL/da and dL/dW_dec from one pass over four tokens' gradient rows",
+        "clt_lens/clt/cpu_kernels.c",
+        "a3[j] += wk * x3;",
+        "a3[j] += wk * x2;",
+        ["tests/test_cpu_kernels.py"],
+        more=(("gw[k + j] += ((v0 * x0 + v1 * x1) + (v2 * x2 + v3 * x3));",
+               "gw[k + j] += ((v0 * x0 + v1 * x1) + (v2 * x2));"),),
+    ),
     "cpu_kernel_token_split": Break(
         "C decode kernel: the forward's threads cover every token",
         "clt_lens/clt/cpu_kernels.c",

@@ -43,6 +43,43 @@
     return s;                                                                                   \
   }                                                                                             \
                                                                                                 \
+  /* out[j] = w . gj for four gradient rows, and gw += sum_j vj * gj, in one pass over them */ \
+  static inline void dot4_axpy4_##SFX(const T *restrict w, const T *restrict g0,               \
+                                      const T *restrict g1, const T *restrict g2,               \
+                                      const T *restrict g3, T v0, T v1, T v2, T v3,             \
+                                      T *restrict gw, int64_t n, T *restrict out) {             \
+    T a0[16] = {0}, a1[16] = {0}, a2[16] = {0}, a3[16] = {0};                                   \
+    int64_t k = 0;                                                                              \
+    for (; k + 16 <= n; k += 16)                                                                \
+      for (int j = 0; j < 16; j++) {                                                            \
+        const T x0 = g0[k + j], x1 = g1[k + j], x2 = g2[k + j], x3 = g3[k + j], wk = w[k + j];  \
+        a0[j] += wk * x0;                                                                       \
+        a1[j] += wk * x1;                                                                       \
+        a2[j] += wk * x2;                                                                       \
+        a3[j] += wk * x3;                                                                       \
+        gw[k + j] += ((v0 * x0 + v1 * x1) + (v2 * x2 + v3 * x3));                               \
+      }                                                                                         \
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                           \
+    for (; k < n; k++) {                                                                        \
+      const T x0 = g0[k], x1 = g1[k], x2 = g2[k], x3 = g3[k];                                   \
+      s0 += w[k] * x0;                                                                          \
+      s1 += w[k] * x1;                                                                          \
+      s2 += w[k] * x2;                                                                          \
+      s3 += w[k] * x3;                                                                          \
+      gw[k] += ((v0 * x0 + v1 * x1) + (v2 * x2 + v3 * x3));                                     \
+    }                                                                                           \
+    for (int j = 0; j < 16; j++) {                                                              \
+      s0 += a0[j];                                                                              \
+      s1 += a1[j];                                                                              \
+      s2 += a2[j];                                                                              \
+      s3 += a3[j];                                                                              \
+    }                                                                                           \
+    out[0] = s0;                                                                                \
+    out[1] = s1;                                                                                \
+    out[2] = s2;                                                                                \
+    out[3] = s3;                                                                                \
+  }                                                                                             \
+                                                                                                \
   typedef struct {                                                                              \
     int64_t n_features, row, stride, t_lo, t_hi, f_lo, f_hi;                                    \
     const int64_t *crow, *tok;                                                                  \
@@ -54,13 +91,13 @@
     const fwd_##SFX *A = (const fwd_##SFX *)p;                                                  \
     const int64_t n = A->row;                                                                   \
     for (int64_t f = 0; f < A->n_features; f++) {                                              \
-      const T *wr = A->w + f * n;                                                               \
+      const T *restrict wr = A->w + f * n;                                                      \
       if (A->sumsq && f >= A->f_lo && f < A->f_hi) A->sumsq[f] = dot_##SFX(wr, wr, n);         \
       for (int64_t e = A->crow[f]; e < A->crow[f + 1]; e++) {                                   \
         const int64_t t = A->tok[e];                                                            \
         const T v = A->vals[e];                                                                 \
         if (t < A->t_lo || t >= A->t_hi || v == 0) continue; /* other thread's, or a kept 0 */ \
-        T *o = A->out + t * A->stride;                                                          \
+        T *restrict o = A->out + t * A->stride;                                                 \
         for (int64_t k = 0; k < n; k++) o[k] += v * wr[k];                                      \
       }                                                                                         \
     }                                                                                           \
@@ -105,8 +142,8 @@
       if (f0 >= A->n_features) break;                                                           \
       const int64_t f1 = f0 + CHUNK < A->n_features ? f0 + CHUNK : A->n_features;               \
       for (int64_t f = f0; f < f1; f++) {                                                       \
-        const T *wr = A->w + f * n;                                                             \
-        T *gw = A->grad_w ? A->grad_w + f * n : 0;                                              \
+        const T *restrict wr = A->w + f * n;                                                    \
+        T *restrict gw = A->grad_w ? A->grad_w + f * n : 0;                                     \
         if (gw) { /* the norm's gradient: dL/d|w| * w / |w| */                                  \
           const T s = A->scale ? A->scale[f] : 0;                                               \
           for (int64_t k = 0; k < n; k++) gw[k] = s * wr[k];                                    \
@@ -117,6 +154,10 @@
           const T *g0 = A->g + A->tok[e] * A->stride, *g1 = A->g + A->tok[e + 1] * A->stride;   \
           const T *g2 = A->g + A->tok[e + 2] * A->stride, *g3 = A->g + A->tok[e + 3] * A->stride; \
           const T v0 = A->vals[e], v1 = A->vals[e + 1], v2 = A->vals[e + 2], v3 = A->vals[e + 3]; \
+          if (A->grad_vals && gw) { /* dots and dL/dW in one pass over the gradient rows */   \
+            dot4_axpy4_##SFX(wr, g0, g1, g2, g3, v0, v1, v2, v3, gw, n, A->grad_vals + e);      \
+            continue;                                                                           \
+          }                                                                                     \
           if (A->grad_vals) {                                                                   \
             A->grad_vals[e] = dot_##SFX(wr, g0, n);                                             \
             A->grad_vals[e + 1] = dot_##SFX(wr, g1, n);                                         \
@@ -128,7 +169,7 @@
               gw[k] += ((v0 * g0[k] + v1 * g1[k]) + (v2 * g2[k] + v3 * g3[k]));                 \
         }                                                                                       \
         for (; e < e_end; e++) {                                                                \
-          const T *gr = A->g + A->tok[e] * A->stride;                                           \
+          const T *restrict gr = A->g + A->tok[e] * A->stride;                                  \
           if (A->grad_vals) A->grad_vals[e] = dot_##SFX(wr, gr, n);                             \
           const T v = A->vals[e];                                                               \
           if (gw && v != 0)                                                                     \
@@ -213,15 +254,15 @@ static inline void store_fence(void) {
       if (f0 >= F) break;                                                                       \
       const int64_t nb = f0 + ENC_BLOCK < F ? ENC_BLOCK : F - f0;                               \
       for (int64_t j = 0; j < nb; j++) { /* feature f0 + j's column, summed in entry order */  \
-        T *a = acc + j * d;                                                                     \
+        T *restrict a = acc + j * d;                                                            \
         T gb = 0;                                                                               \
         for (int64_t k = 0; k < d; k++) a[k] = 0;                                               \
         int64_t e = A->crow[f0 + j];                                                            \
         const int64_t e_end = A->crow[f0 + j + 1];                                              \
         for (; e + 4 <= e_end; e += 4) { /* four tokens per pass over the accumulator */       \
           const T v0 = A->g[e], v1 = A->g[e + 1], v2 = A->g[e + 2], v3 = A->g[e + 3];           \
-          const T *x0 = A->x + A->tok[e] * d, *x1 = A->x + A->tok[e + 1] * d;                   \
-          const T *x2 = A->x + A->tok[e + 2] * d, *x3 = A->x + A->tok[e + 3] * d;               \
+          const T *restrict x0 = A->x + A->tok[e] * d, *restrict x1 = A->x + A->tok[e + 1] * d; \
+          const T *restrict x2 = A->x + A->tok[e + 2] * d, *restrict x3 = A->x + A->tok[e + 3] * d; \
           gb += v0;                                                                             \
           gb += v1;                                                                             \
           gb += v2;                                                                             \
@@ -231,7 +272,7 @@ static inline void store_fence(void) {
         }                                                                                       \
         for (; e < e_end; e++) {                                                                \
           const T v = A->g[e];                                                                  \
-          const T *xr = A->x + A->tok[e] * d;                                                   \
+          const T *restrict xr = A->x + A->tok[e] * d;                                          \
           gb += v;                                                                              \
           for (int64_t k = 0; k < d; k++) a[k] += v * xr[k];                                    \
         }                                                                                       \
