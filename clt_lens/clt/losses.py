@@ -144,9 +144,9 @@ def training_forward(
     loss = losses["mse"] + losses["sparsity"] + losses["preact"] + losses["auxk"]
 
     with torch.no_grad():
-        # per-layer sums over the batch: the MSE's own (one pass fewer than err.pow again)
-        variance = y_n.var(dim=0, correction=0).sum(-1)
-        fvu = mse_per_layer.detach() / variance.clamp(min=1e-12 / batch)
+        centred = y_n - y_n.mean(0, keepdim=True)  # (torch's var over dim 0 is 3x slower)
+        # the numerator is the MSE's own sum: one pass fewer over [B, L, d]
+        fvu = mse_per_layer.detach() * batch / centred.pow(2).sum(dim=(0, 2)).clamp(min=1e-12)
         if act.running_threshold and clt.training:
             act.update_running_threshold_(clt, comm.all_reduce_(step.min_positive, "min"))
 
