@@ -171,8 +171,8 @@ def real_trainer(cfg, source):
 
 def _timed_step(trainer, source, device: str):
     """``step(mode, batch=None) -> (seconds, mean L0 per layer)``: one real training step in
-    decode mode ``mode`` (or "torch-ops": "auto" without the C kernels) on ``batch`` (default:
-    the source's own batch)."""
+    decode mode ``mode`` (a "-torch-ops" suffix: without the C kernels; "torch-ops" alone:
+    "auto" without them) on ``batch`` (default: the source's own batch)."""
     import torch
 
     from clt_lens.clt import cpu_kernels
@@ -182,8 +182,8 @@ def _timed_step(trainer, source, device: str):
 
     def step(mode: str, batch=None) -> tuple[float, float]:
         source.batch = default if batch is None else tuple(t.to(device) for t in batch)
-        trainer.clt.cfg.decode = "auto" if mode == "torch-ops" else mode
-        cpu_kernels.set_enabled(mode != "torch-ops")
+        trainer.clt.cfg.decode = mode.replace("torch-ops", "").strip("-") or "auto"
+        cpu_kernels.set_enabled("torch-ops" not in mode)
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -325,6 +325,52 @@ def trained_child(demo: str, repeats: int) -> dict:
             "torch_ops_step_s": med["torch-ops"]}  # fmt: skip
 
 
+SWEEP_MODES = ("sparse", "sparse-torch-ops", "dense")
+
+
+def sweep_child(L: int, d: int, F: int, B: int, active: float) -> dict:
+    """Sparse (with and without the C kernels) against dense decoding at one density, decode
+    forced, interleaved in one process (medians of 3), and what ``decode: auto`` picks."""
+    from clt_lens.clt.comm import FeatureComm
+    from clt_lens.clt.losses import _choose_sparse
+
+    clt, step = _setup(L, d, F, B, active)
+    times: dict[str, list[float]] = {m: [] for m in SWEEP_MODES}
+    l0s = []
+    for r in range(3):
+        for mode in SWEEP_MODES if r % 2 == 0 else SWEEP_MODES[::-1]:
+            step(mode)
+            sec, l0 = step(mode)
+            times[mode].append(sec)
+            l0s.append(l0)
+    step("auto")
+    auto = "sparse" if _choose_sparse(clt, B, FeatureComm()) else "dense"
+    support = clt._density_hint  # the support's density (JumpReLU's window included)
+    med = {m: sorted(v)[1] for m, v in times.items()}
+    return {"L": L, "d": d, "F": F, "B": B, "target_active": active,
+            "active_frac": sorted(l0s)[len(l0s) // 2] / F, "support_frac": support,
+            "auto_chose": auto, "auto_max_density": clt.sparse_max_density(),
+            **{f"{m}_step_s": v for m, v in med.items()}}  # fmt: skip
+
+
+def _sweep(densities: list[float]) -> None:
+    from common import machine, print_table, write_result
+
+    rows, results = [], []
+    for name in SHAPES:
+        for active in densities:
+            r = _child(["--child", f"sweep:{name}", "--active", str(active)])
+            results.append({"shape": name, **r})
+            rows.append([name, f"{active:.0%}", f"{r['active_frac']:.1%}",
+                         f"{r['support_frac']:.1%}",
+                         *(f"{r[f'{m}_step_s'] * 1e3:.0f}" for m in SWEEP_MODES),
+                         f"{r['auto_chose']} (<= {r['auto_max_density']:.0%})"])  # fmt: skip
+    print(f"machine: {machine()['cores']} cores; command: {machine()['command']}")
+    print_table(["shape", "target", "active", "support", "sparse, kernels ms",
+                 "sparse, torch ops ms", "dense ms", "auto chose"], rows)  # fmt: skip
+    write_result("train_density_sweep", {"machine": machine(), "results": results})
+
+
 def rss_child(L: int, d: int, F: int, B: int, active: float, mode: str) -> dict:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     _, step = _setup(L, d, F, B, active)
@@ -349,8 +395,15 @@ def main() -> None:
                     "CLT and cached activations")  # fmt: skip
     ap.add_argument("--profile", action="store_true",
                     help="profile the L=12 step at the first --active fraction and stop")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time sparse (with and without the C kernels) against dense decoding "
+                    "at 5%%, 10%% and 20%% active (or --active) and stop")  # fmt: skip
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.sweep:
+        spec = args.active if args.active != ap.get_default("active") else "0.05,0.1,0.2"
+        _sweep([float(a) for a in spec.split(",")])
+        return
     if args.profile:
         from common import write_result
 
@@ -366,7 +419,9 @@ def main() -> None:
     if args.child:
         kind, name, *mode = args.child.split(":")
         shape = SHAPES[name]
-        if kind == "time":
+        if kind == "sweep":
+            out = sweep_child(*shape, float(args.active))
+        elif kind == "time":
             repeats = REPEATS[name] // (2 if args.quick else 1)
             out = time_child(*shape, float(args.active), repeats)
         else:

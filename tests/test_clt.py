@@ -487,3 +487,22 @@ def test_decode_modes_choose(monkeypatch):
     jr = make_clt(activation="jumprelu", sparse_max_density=1.0)
     assert jr.training_forward(x, y).decode_mode == "dense"  # no density measured yet
     assert jr.training_forward(x, y).decode_mode == "sparse"
+
+
+def test_auto_crossover_follows_the_decode_path():
+    """Unset, "auto"'s crossover is the one measured for the path the decoders take: the CPU
+    kernels' (float32/64 on the CPU, kernels built and on) or torch's sparse ops'."""
+    from clt_lens.clt import cpu_kernels
+    from clt_lens.clt.config import SPARSE_MAX_DENSITY, SPARSE_MAX_DENSITY_CPU_KERNELS
+
+    clt = make_clt(activation="jumprelu")
+    assert clt.cfg.sparse_max_density is None
+    on_cpu = SPARSE_MAX_DENSITY_CPU_KERNELS if cpu_kernels.library() else SPARSE_MAX_DENSITY
+    assert clt.sparse_max_density() == on_cpu
+    old = cpu_kernels.set_enabled(False)
+    try:
+        assert clt.sparse_max_density() == SPARSE_MAX_DENSITY
+    finally:
+        cpu_kernels.set_enabled(old)
+    assert make_clt(activation="jumprelu", sparse_max_density=0.3).sparse_max_density() == 0.3
+    assert SPARSE_MAX_DENSITY < SPARSE_MAX_DENSITY_CPU_KERNELS

@@ -25,11 +25,14 @@ DEFAULT_INPUT_HOOK = "ln2.hook_normalized"
 DEFAULT_OUTPUT_HOOK = "hook_mlp_out"
 
 # "auto" decoding goes sparse when the support (fraction of the [B, L, F] activations decoded
-# and differentiated) is at most SPARSE_MAX_DENSITY and the batch has at least
-# SPARSE_MIN_ELEMENTS activations. Measured with benchmarks/clt_decode.py on CPU: the sparse
-# step wins below ~10-15% support at L=4/d=128/F=1024 and L=12/d=256/F=2048 (B=512), and
-# loses to Python overhead below ~65k activations per batch.
+# and differentiated) is at most the crossover and the batch has at least SPARSE_MIN_ELEMENTS
+# activations. With torch's sparse ops (CUDA; the CPU without a C compiler) the sparse step won
+# below ~10-15% support at L=4/d=128/F=1024 and L=12/d=256/F=2048 (benchmarks/clt_decode.py);
+# with the CPU kernels it still wins at 20% active at L=12 and ties with dense there at the
+# demo's shape (benchmarks/train.py --sweep). Below ~65k activations per batch Python overhead
+# makes sparse lose.
 SPARSE_MAX_DENSITY = 0.1
+SPARSE_MAX_DENSITY_CPU_KERNELS = 0.2
 SPARSE_MIN_ELEMENTS = 2**17
 
 
@@ -77,8 +80,9 @@ class CLTSpec:
     topk_threshold_lr: float = 0.01  # batchtopk: rate of the running inference threshold
     # decoding: sparse kernels when few activations fire, dense otherwise ("auto" picks)
     decode: Literal["auto", "sparse", "dense"] = "auto"
-    # "auto" goes sparse at most at this fraction of active [batch, layer, feature] entries
-    sparse_max_density: float = SPARSE_MAX_DENSITY
+    # "auto" goes sparse at most at this fraction of active [batch, layer, feature] entries;
+    # None: 0.2 where the CPU kernels decode, else 0.1 (the measured crossovers)
+    sparse_max_density: float | None = None
 
     _label = "clt"  # how error messages name this section
 
@@ -112,7 +116,7 @@ class CLTSpec:
             raise ConfigError(
                 f"{label}.topk_threshold_lr must be in (0, 1], got {self.topk_threshold_lr}"
             )
-        if not 0 <= self.sparse_max_density <= 1:
+        if self.sparse_max_density is not None and not 0 <= self.sparse_max_density <= 1:
             raise ConfigError(
                 f"{label}.sparse_max_density must be in [0, 1], got {self.sparse_max_density}"
             )

@@ -21,9 +21,15 @@ import torch
 from sae_lens.saes.sae import SAE
 from torch import Tensor, nn
 
+from clt_lens.clt import cpu_kernels
 from clt_lens.clt.activations import Activation, get_activation
 from clt_lens.clt.comm import FeatureComm
-from clt_lens.clt.config import SPARSE_MIN_ELEMENTS, CLTConfig
+from clt_lens.clt.config import (
+    SPARSE_MAX_DENSITY,
+    SPARSE_MAX_DENSITY_CPU_KERNELS,
+    SPARSE_MIN_ELEMENTS,
+    CLTConfig,
+)
 from clt_lens.clt.losses import CLTStepOutput, ReduceFn, training_forward
 from clt_lens.clt.sparse import Support, dense_decode, sparse_decode
 from clt_lens.clt.transcoder_view import layer_transcoder
@@ -230,11 +236,18 @@ class CrossLayerTranscoder(SAE[CLTConfig]):
         mode = self.cfg.decode
         if mode != "auto":
             return mode == "sparse"
-        return (
-            density is not None
-            and density <= self.cfg.sparse_max_density
-            and n_elements >= SPARSE_MIN_ELEMENTS
-        )
+        if density is None or n_elements < SPARSE_MIN_ELEMENTS:
+            return False
+        return density <= self.sparse_max_density()
+
+    def sparse_max_density(self) -> float:
+        """The support density up to which "auto" decodes sparsely: the config's, else the
+        crossover measured for the decode path this CLT's decoders take."""
+        if self.cfg.sparse_max_density is not None:
+            return self.cfg.sparse_max_density
+        if cpu_kernels.applies(self.W_dec[0]):
+            return SPARSE_MAX_DENSITY_CPU_KERNELS
+        return SPARSE_MAX_DENSITY
 
     def decode_partial(self, acts_lbf: Tensor, reduce_fn: ReduceFn | None = None) -> Tensor:
         """Feature activations [L, B, F] -> ``reduce_fn(sum_i decode_i)`` [B, L, d] (normalised,
