@@ -336,10 +336,16 @@ def test_support_and_encoder_sizes_are_checked_before_the_c_code(kernels):
     pre = torch.randn(2, 5, 7)
     with pytest.raises(ValueError, match="cut of shape"):
         cpu_kernels.support_above(pre, torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="one dtype"):
+        cpu_kernels.support_above(pre, torch.zeros(2, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not contiguous"):
+        cpu_kernels.support_above(pre.transpose(0, 1), torch.zeros(5, 7))
     support, x, w, b, grad = _encoder_case(53, torch.float32)
     with pytest.raises(ValueError, match="encoder gradient"):
         cpu_kernels.encoder_grad(support, grad[:-1], x, True, True)
     with pytest.raises(ValueError, match="encoder gradient"):
         cpu_kernels.encoder_grad(support, grad, x[:, :-1].contiguous(), True, True)
+    with pytest.raises(ValueError, match="one dtype"):
+        cpu_kernels.encoder_grad(support, grad, x.double(), True, True)
     with pytest.raises(ValueError, match="pre-activations of shape"):
         encoder_grad_gather(support, torch.bmm(x, w), x, w, b)

@@ -1,4 +1,7 @@
-/* Sparse cross-layer decoding on the CPU, one pass over each decoder row.
+/* The sparse training step's CPU kernels: cross-layer decoding (one pass over each decoder
+ * row, forward and backward), the encoder's weight and bias gradients, and the support of a
+ * threshold rule (JumpReLU, ReLU). Each is described where it is defined; the notes below are
+ * the decoder's.
  *
  * Built at first use by clt_lens/clt/cpu_kernels.py (cc -O3 -march=native -shared); the torch
  * implementation in sparse.py is the reference and the fallback.
@@ -305,7 +308,6 @@ static inline void store_fence(void) {
     for (int k = 1; k < started; k++) rc |= pthread_join(th[k], 0);                             \
     return rc ? rc : (A.failed ? -2 : 0);                                                       \
   }
-
 
 /* bit j set where x[j] > c[j], j < n <= 32 */
 static inline uint32_t above_bits_f32(const float *x, const float *c, int64_t n) {

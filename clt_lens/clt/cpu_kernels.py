@@ -263,6 +263,17 @@ def decode_backward(
     return grad_values_t, grads_w
 
 
+def _check_plain(what: str, *tensors: Tensor) -> None:
+    """What ``applies`` tests, for the functions below that may be called directly: the C
+    code reads every tensor as contiguous memory of the first one's dtype."""
+    first = tensors[0]
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != first.dtype or not t.is_contiguous() or \
+                t.dtype not in _SUFFIX:
+            raise ValueError(f"{what}: needs contiguous CPU float32/float64 tensors of one "
+                             f"dtype, got {t.dtype} on {t.device} "
+                             f"({'' if t.is_contiguous() else 'not '}contiguous)")  # fmt: skip
+
 
 def encoder_grad(
     support: Support, grad_t: Tensor, x_lbd: Tensor, need_w: bool, need_b: bool
@@ -275,6 +286,7 @@ def encoder_grad(
     """
     lib = library()
     assert lib is not None
+    _check_plain("encoder gradient", grad_t, x_lbd)
     kernel = getattr(lib, f"clt_encoder_grad_{_SUFFIX[grad_t.dtype]}")
     n_layers, batch, n_features = support.n_layers, support.batch, support.n_features
     if grad_t.numel() != support.nnz or x_lbd.dim() != 3 or \
@@ -282,12 +294,12 @@ def encoder_grad(
         raise ValueError(f"encoder gradient: {grad_t.numel()} values and inputs of shape "
                          f"{tuple(x_lbd.shape)} for a support of {support.nnz} entries over "
                          f"[{n_layers}, {batch}, {n_features}]")  # fmt: skip
+    if not need_w and not need_b:
+        return None, None
     d = x_lbd.shape[2]
     _, crow_t, tok_t = support.transposed()
     grad_w = grad_t.new_empty(n_layers, d, n_features) if need_w else None
     grad_b = grad_t.new_empty(n_layers, n_features) if need_b else None
-    if not need_w and not need_b:
-        return None, None
     with record_function("clt_lens::encoder_grad"):
         for i in range(n_layers):
             a, b = support.layer_ptr[i], support.layer_ptr[i + 1]
@@ -305,6 +317,7 @@ def support_above(pre_lbf: Tensor, cut_lf: Tensor) -> tuple[Tensor, ...]:
     to write (torch's compare, ``nonzero`` and gather took three, plus a [L, B, F] mask)."""
     lib = library()
     assert lib is not None
+    _check_plain("support", pre_lbf, cut_lf)
     sfx = _SUFFIX[pre_lbf.dtype]
     n_layers, batch, n_features = pre_lbf.shape
     if tuple(cut_lf.shape) != (n_layers, n_features) or cut_lf.dtype != pre_lbf.dtype:

@@ -136,13 +136,11 @@ class Support:
         """Positions where ``pre_lbf`` [L, B, F] > ``cut_lf`` [L, F] (a per-feature cut), and
         the values of ``pre_lbf`` there."""
         n_layers, batch, n_features = pre_lbf.shape
-        cut_lf = cut_lf.to(pre_lbf.dtype)
-        if not cpu_kernels.applies(pre_lbf, cut_lf.contiguous()):
+        cut_lf = cut_lf.to(pre_lbf.dtype).contiguous()
+        if not cpu_kernels.applies(pre_lbf, cut_lf):
             support = cls.from_mask(pre_lbf > cut_lf.unsqueeze(1))
             return support, pre_lbf.reshape(-1)[support.flat]
-        counts, flat, rows, cols, lf, values = cpu_kernels.support_above(
-            pre_lbf, cut_lf.contiguous()
-        )
+        counts, flat, rows, cols, lf, values = cpu_kernels.support_above(pre_lbf, cut_lf)
         crow = torch.zeros(n_layers, batch + 1, dtype=torch.int64)
         torch.cumsum(counts, 1, out=crow[:, 1:])
         layer_ptr = [0]
