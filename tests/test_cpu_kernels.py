@@ -4,6 +4,7 @@ gradients, threads, fallback."""
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -24,6 +25,17 @@ def kernels():
     if cpu_kernels.library() is None:
         pytest.skip("the CPU decode kernels did not build (needs a C compiler: gcc or cc)")
     return cpu_kernels
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count (which the kernels follow) set to ``n`` meanwhile."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _case(n_layers=4, batch=37, n_features=53, d=20, density=0.08, zero_fraction=0.3,
@@ -63,12 +75,8 @@ def _run(use_kernels, support, values, w_dec, grad_out, grad_norms, need_w=None)
 def test_kernels_equal_torch_ops(kernels, dtype, threads, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)  # threads even for this small case
     case = _case(dtype=dtype)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = _run(True, *case)
-    finally:
-        torch.set_num_threads(before)
     want = _run(False, *case)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
     for g, w in zip(got[:3], want[:3]):
@@ -129,21 +137,26 @@ def test_partial_gradients_and_gradcheck(kernels):
     )
 
 
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for item in x:
+            yield from _tensors(item)
+
+
 def test_results_are_bitwise_independent_of_threads(kernels, monkeypatch):
+    """Decode forward and backward, and the encoder's gradients."""
     monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)
     case = _case(n_layers=3, batch=64, n_features=96, d=32, density=0.1)
+    encoder = _encoder_case(96, torch.float32, batch=64, density=0.3)
     results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 4):
-            torch.set_num_threads(threads)
-            results.append(_run(True, *case))
-    finally:
-        torch.set_num_threads(before)
+    for threads in (1, 2, 4):
+        with torch_threads(threads):
+            results.append(list(_tensors([_run(True, *case), _encoder_grads(True, *encoder)])))
+    assert len(results[0]) == 3 + 3 + 2
     for other in results[1:]:
-        assert torch.equal(other[0], results[0][0]) and torch.equal(other[1], results[0][1])
-        assert torch.equal(other[2], results[0][2])
-        assert all(torch.equal(a, b) for a, b in zip(other[3], results[0][3]))
+        assert all(torch.equal(a, b) for a, b in zip(other, results[0], strict=True))
 
 
 def test_no_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
@@ -230,14 +243,10 @@ def test_encoder_gradient_equals_torch_ops(kernels, dtype, n_features, threads, 
     real = cpu_kernels.encoder_grad
     monkeypatch.setattr(cpu_kernels, "encoder_grad",
                         lambda *a, **k: calls.append(1) or real(*a, **k))  # fmt: skip
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = _encoder_grads(True, *case)
         only_w = _encoder_grads(True, *case, need_b=False)
         only_b = _encoder_grads(True, *case, need_w=False)
-    finally:
-        torch.set_num_threads(before)
     assert len(calls) == 3
     want = _encoder_grads(False, *case)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
@@ -246,21 +255,6 @@ def test_encoder_gradient_equals_torch_ops(kernels, dtype, n_features, threads, 
     assert torch.equal(only_w[0], got[0]) and only_w[1] is None
     assert torch.equal(only_b[1], got[1]) and only_b[0] is None
     assert not got[0][1].any()  # the empty layer's gradient is written, as zeros
-
-
-def test_encoder_gradient_is_bitwise_independent_of_threads(kernels, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)
-    case = _encoder_case(96, torch.float32, batch=64, density=0.3)
-    results = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 4):
-            torch.set_num_threads(threads)
-            results.append(_encoder_grads(True, *case))
-    finally:
-        torch.set_num_threads(before)
-    for other in results[1:]:
-        assert torch.equal(other[0], results[0][0]) and torch.equal(other[1], results[0][1])
 
 
 # ---- support building -----------------------------------------------------------------------
@@ -288,12 +282,8 @@ def test_support_above_equals_torch_ops(kernels, dtype, n_features, threads, mon
     pre[0, 6, -1] = cut[0, -1] + 1  # the last feature of a row
     cut[1] = float("inf")
     cut[2] = -float("inf")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got, got_values = _above(True, pre, cut)
-    finally:
-        torch.set_num_threads(before)
     want, want_values = _above(False, pre, cut)
     for name in ("flat", "rows", "cols", "lf", "crow"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
