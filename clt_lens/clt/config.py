@@ -28,9 +28,9 @@ DEFAULT_OUTPUT_HOOK = "hook_mlp_out"
 # and differentiated) is at most the crossover and the batch has at least SPARSE_MIN_ELEMENTS
 # activations. With torch's sparse ops (CUDA; the CPU without a C compiler) the sparse step won
 # below ~10-15% support at L=4/d=128/F=1024 and L=12/d=256/F=2048 (benchmarks/clt_decode.py);
-# with the CPU kernels it still wins at 20% active at L=12 and ties with dense there at the
-# demo's shape (benchmarks/train.py --sweep). Below ~65k activations per batch Python overhead
-# makes sparse lose.
+# with the CPU kernels it wins at 10% active (12-13% support) at both shapes and still at 20%
+# at L=12, where dense wins by 1.2x at the demo's shape (benchmarks/train.py --sweep). Below
+# ~65k activations per batch Python overhead makes sparse lose.
 SPARSE_MAX_DENSITY = 0.1
 SPARSE_MAX_DENSITY_CPU_KERNELS = 0.2
 SPARSE_MIN_ELEMENTS = 2**17
