@@ -200,8 +200,8 @@ def test_mismatched_sizes_raise_before_the_c_code(kernels):
 def test_small_calls_stay_on_one_thread(monkeypatch):
     """Threads of our own only pay where the call is large (torch's workers spin meanwhile)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    assert cpu_kernels._threads(100, 1024, 128) == 1
-    assert cpu_kernels._threads(20_000, 2048, 3072) == 4
+    assert cpu_kernels._threads((100 + 1024) * 128) == 1
+    assert cpu_kernels._threads((20_000 + 2048) * 3072) == 4
 
 
 # ---- the encoder gradient -------------------------------------------------------------------

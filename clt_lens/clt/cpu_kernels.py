@@ -137,12 +137,19 @@ def _switched_on() -> bool:
     return _enabled and os.environ.get(ENV_SWITCH, "1").strip() not in ("0", "false", "no")
 
 
+def _unfit(tensors: Sequence[Tensor]) -> Tensor | None:
+    """The first tensor the C code cannot read as contiguous CPU memory of the first one's
+    float32/float64 dtype, else None."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != tensors[0].dtype or not t.is_contiguous() or \
+                t.dtype not in _SUFFIX:
+            return t
+    return None
+
+
 def applies(*tensors: Tensor) -> bool:
     """Whether the kernels can take these: CPU, one float32/float64 dtype, contiguous."""
-    if not _switched_on() or not tensors or tensors[0].dtype not in _SUFFIX:
-        return False
-    if any(t.device.type != "cpu" or t.dtype != tensors[0].dtype or not t.is_contiguous()
-           for t in tensors):  # fmt: skip
+    if not _switched_on() or not tensors or _unfit(tensors) is not None:
         return False
     return library() is not None
 
@@ -153,10 +160,11 @@ def applies(*tensors: Tensor) -> bool:
 PARALLEL_WORK = 2**24
 
 
-def _threads(entries: int, n_features: int, row: int) -> int:
-    """Threads for one call: torch's intra-op count (within MAX_THREADS in the C file) when the
-    call is large enough to pay for them, else 1."""
-    if (entries + n_features) * row < PARALLEL_WORK:
+def _threads(work: int) -> int:
+    """Threads for one call of ``work`` multiply-adds (or element visits): torch's intra-op
+    count (within MAX_THREADS in the C file) when the call is large enough to pay for them,
+    else 1."""
+    if work < PARALLEL_WORK:
         return 1
     return min(max(1, torch.get_num_threads()), 256)
 
@@ -217,7 +225,7 @@ def decode_forward(
             _check(kernel(n_features, batch, row, n_layers * d, _ptr(crow_t[i]), _at(tok_t, a),
                           _at(values_t, a), _ptr(w), _at(out, i * d),
                           None if sumsq is None else _ptr(sumsq[i]),
-                          _threads(b - a, n_features, row)),
+                          _threads((b - a + n_features) * row)),
                    "decode_forward")  # fmt: skip
     return out, None if sumsq is None else sumsq.sqrt_()
 
@@ -258,21 +266,18 @@ def decode_backward(
                           _at(values_t, a), _ptr(w), _at(grad_out, i * d),
                           None if norm_scale is None else _ptr(norm_scale[i]),
                           None if grad_values_t is None else _at(grad_values_t, a), _ptr(gw),
-                          _threads(b - a, n_features, row)),
+                          _threads((b - a + n_features) * row)),
                    "decode_backward")  # fmt: skip
     return grad_values_t, grads_w
 
 
 def _check_plain(what: str, *tensors: Tensor) -> None:
-    """What ``applies`` tests, for the functions below that may be called directly: the C
-    code reads every tensor as contiguous memory of the first one's dtype."""
-    first = tensors[0]
-    for t in tensors:
-        if t.device.type != "cpu" or t.dtype != first.dtype or not t.is_contiguous() or \
-                t.dtype not in _SUFFIX:
-            raise ValueError(f"{what}: needs contiguous CPU float32/float64 tensors of one "
-                             f"dtype, got {t.dtype} on {t.device} "
-                             f"({'' if t.is_contiguous() else 'not '}contiguous)")  # fmt: skip
+    """What ``applies`` tests, raised, for the functions below that may be called directly."""
+    t = _unfit(tensors)
+    if t is not None:
+        raise ValueError(f"{what}: needs contiguous CPU float32/float64 tensors of one dtype, "
+                         f"got {t.dtype} on {t.device} "
+                         f"({'' if t.is_contiguous() else 'not '}contiguous)")  # fmt: skip
 
 
 def encoder_grad(
@@ -306,7 +311,7 @@ def encoder_grad(
             _check(kernel(n_features, d, _ptr(crow_t[i]), _at(tok_t, a), _at(grad_t, a),
                           _ptr(x_lbd[i]), None if grad_w is None else _ptr(grad_w[i]),
                           None if grad_b is None else _ptr(grad_b[i]),
-                          _threads(b - a, n_features, d)),
+                          _threads((b - a + n_features) * d)),
                    "encoder_grad")  # fmt: skip
     return grad_w, grad_b
 
@@ -324,7 +329,7 @@ def support_above(pre_lbf: Tensor, cut_lf: Tensor) -> tuple[Tensor, ...]:
         raise ValueError(f"support: cut of shape {tuple(cut_lf.shape)} ({cut_lf.dtype}) for "
                          f"pre-activations {tuple(pre_lbf.shape)} ({pre_lbf.dtype})")
     counts = torch.empty(n_layers, batch, dtype=torch.int64)
-    threads = _threads(0, pre_lbf.numel(), 1)
+    threads = _threads(pre_lbf.numel())
     with record_function("clt_lens::support_above"):
         _check(getattr(lib, f"clt_count_above_{sfx}")(
             n_layers, batch, n_features, _ptr(pre_lbf), _ptr(cut_lf), _ptr(counts), threads),

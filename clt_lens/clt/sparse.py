@@ -66,6 +66,18 @@ def _rows_decode(support: Support, values: Tensor, layer: int, w2d: Tensor) -> T
     )
 
 
+def _row_pointers(counts: Tensor) -> tuple[Tensor, list[int]]:
+    """From entries per (layer, token) [L, B]: each layer's CSR row pointers [L, B + 1] and
+    where each layer's entries start and end (``layer_ptr``, L + 1 offsets)."""
+    n_layers, batch = counts.shape
+    crow = torch.zeros(n_layers, batch + 1, dtype=torch.int64, device=counts.device)
+    crow[:, 1:] = counts.cumsum(1)
+    layer_ptr = [0]
+    for c in crow[:, -1].tolist():
+        layer_ptr.append(layer_ptr[-1] + int(c))
+    return crow, layer_ptr
+
+
 @dataclass
 class Support:
     """Kept positions of a [L, B, F] activation tensor, in (l, b, f) order.
@@ -106,12 +118,7 @@ class Support:
         rows = torch.div(rem, n_features, rounding_mode="floor")
         cols = rem - rows * n_features
         counts = torch.bincount(layer * batch + rows, minlength=n_layers * batch)
-        crow = torch.zeros(n_layers, batch + 1, dtype=torch.int64, device=flat.device)
-        crow[:, 1:] = counts.view(n_layers, batch).cumsum(1)
-        layer_counts = crow[:, -1].tolist()
-        layer_ptr = [0]
-        for c in layer_counts:
-            layer_ptr.append(layer_ptr[-1] + int(c))
+        crow, layer_ptr = _row_pointers(counts.view(n_layers, batch))
         return cls(
             n_layers=n_layers,
             batch=batch,
@@ -141,11 +148,7 @@ class Support:
             support = cls.from_mask(pre_lbf > cut_lf.unsqueeze(1))
             return support, pre_lbf.reshape(-1)[support.flat]
         counts, flat, rows, cols, lf, values = cpu_kernels.support_above(pre_lbf, cut_lf)
-        crow = torch.zeros(n_layers, batch + 1, dtype=torch.int64)
-        torch.cumsum(counts, 1, out=crow[:, 1:])
-        layer_ptr = [0]
-        for c in crow[:, -1].tolist():
-            layer_ptr.append(layer_ptr[-1] + int(c))
+        crow, layer_ptr = _row_pointers(counts)
         support = cls(n_layers=n_layers, batch=batch, n_features=n_features, flat=flat,
                       rows=rows, cols=cols, lf=lf, layer_ptr=layer_ptr, crow=crow)  # fmt: skip
         return support, values
