@@ -199,6 +199,21 @@ BREAKS: dict[str, Break] = {
         "const int64_t nf = f0 + 32 < F ? 32 : F - f0 - 1;",
         ["tests/test_cpu_kernels.py"],
     ),
+    "cpu_kernel_grad_squares": Break(
+        "C decode kernel: each dL/dW_dec row's sum of squares, for the clipping norm",
+        "clt_lens/clt/cpu_kernels.c",
+        "A->grad_sumsq[f] = dot_##SFX(gw, gw, n);",
+        "A->grad_sumsq[f] = dot_##SFX(gw, gw, n - 1);",
+        ["tests/test_cpu_kernels.py",
+         "tests/test_trainer_options.py::test_clipping_norm_is_the_norm_of_the_gradients_adam_gets"],
+    ),
+    "grad_squares_version": Break(
+        "clipping norm: a gradient changed after the backward recorded it is read again",
+        "clt_lens/clt/grad_squares.py",
+        "return tuple(grad.shape), grad.stride(), grad.dtype, grad._version",
+        "return tuple(grad.shape), grad.stride(), grad.dtype, 0",
+        ["tests/test_trainer_options.py::test_clipping_norm_is_the_norm_of_the_gradients_adam_gets"],
+    ),
     "host_memory": Break(
         "CPU training keeps its freed buffers instead of page-faulting them back every step",
         "clt_lens/training/host_memory.py",

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from clt_lens.clt import CLTConfig, CrossLayerTranscoder, cpu_kernels
+from clt_lens.clt import CLTConfig, CrossLayerTranscoder, cpu_kernels, grad_squares
 from clt_lens.clt.sparse import (
     Support,
     encoder_grad_gather,
@@ -83,6 +83,28 @@ def test_kernels_equal_torch_ops(kernels, dtype, threads, monkeypatch):
         torch.testing.assert_close(g, w, **tol)
     for g, w in zip(got[3], want[3]):
         torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_backward_records_each_decoder_gradients_squares(kernels, dtype, threads, monkeypatch):
+    """What the clipping norm takes instead of reading dL/dW_dec again: every row's squares,
+    the norm gradient's rows included (layer 1 keeps nothing: its gradient is that alone)."""
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)
+    need_w = [True, True, False, True]
+    with torch_threads(threads), grad_squares.recording() as squares:
+        grads = _run(True, *_case(dtype=dtype), need_w=need_w)[3]
+    assert grad_squares.current() is None  # nothing is recorded outside a recording
+    for g, need in zip(grads, need_w):
+        if not need:
+            assert g is None
+            continue
+        got = squares.sum_of_squares(g)
+        assert got is not None and got.dtype == torch.float32
+        torch.testing.assert_close(got, g.double().pow(2).sum().float())
+    grads[0].add_(1.0)  # changed in place: the record no longer describes it
+    assert squares.sum_of_squares(grads[0]) is None
+    assert squares.sum_of_squares(grads[1].clone()) is None  # nor another tensor
 
 
 def test_kernels_are_what_the_cpu_float32_step_runs(kernels, monkeypatch):

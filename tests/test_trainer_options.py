@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from clt_lens.clt import cpu_kernels
+from clt_lens.clt.grad_squares import GradSquares
 from clt_lens.config import build_config
 from clt_lens.training import CLTTrainingRunner, TrainConfig
 from clt_lens.training.sources import SyntheticSource
+from clt_lens.training.trainer import Trainer
 
 
 def toy_source(batch: int, L: int = 2, d: int = 16) -> SyntheticSource:
@@ -85,6 +88,52 @@ def test_gradient_clipping_bounds_the_update(tmp_path: Path):
     run(c, 64)
     recs = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"] > 1e-3 for r in recs if r["kind"] == "train")  # norm before clip
+
+
+class _Built(Trainer):
+    def train(self):  # hand the built trainer back instead of looping
+        return self
+
+
+@pytest.mark.parametrize(
+    "kw, records_used",
+    [({}, True),
+     ({"grad_accum": 2}, False),  # the second micro-batch sums into the recorded gradients
+     ({"activation": "topk", "k": 4}, False)],  # aux-k decodes dead features: W_dec twice
+    ids=["one-batch", "accumulated", "topk-auxk"],
+)  # fmt: skip
+def test_clipping_norm_is_the_norm_of_the_gradients_adam_gets(tmp_path: Path, kw, records_used,
+                                                              monkeypatch):  # fmt: skip
+    """The sparse CPU step takes the decoder gradients' squares from the kernel's records
+    where they still describe the gradients; the norm it logs and clips with must be that of
+    the gradients as they are when Adam reads them."""
+    if cpu_kernels.library() is None:
+        pytest.skip("the CPU kernels did not build")
+    used = []
+    real = GradSquares.sum_of_squares
+
+    def spy(self, grad):
+        got = real(self, grad)
+        used.append(got is not None)
+        return got
+
+    monkeypatch.setattr(GradSquares, "sum_of_squares", spy)
+    micro = 64 // kw.get("grad_accum", 1)
+    c = cfg(tmp_path, decode="sparse", adam_fused=False, grad_clip=1e9, **kw)
+    runner = CLTTrainingRunner(c, override_source=toy_source(micro),
+                               override_heldout=toy_source(64).next())  # fmt: skip
+    runner.trainer_cls = _Built
+    trainer = runner.run()
+    for _ in range(2):
+        used.clear()
+        trainer.since_fired[:, :8] = c.dead_window_tokens  # a quarter of the features dead
+        rec = trainer._train_step()
+        trainer.step += 1
+        trainer.tokens += c.batch_size
+        grads = [p.grad.double() for p in trainer.params if p.grad is not None]
+        want = float(torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt())
+        assert rec["grad_norm"] == pytest.approx(want, rel=1e-5)
+    assert sum(used) == (len(trainer.clt.W_dec) if records_used else 0)
 
 
 @pytest.mark.gpu

@@ -34,6 +34,33 @@
 #define MAX_THREADS 256
 #define CHUNK 8
 
+/* dst[0:n] = src[0:n]; with non-temporal stores where dst is 32-byte aligned: a gradient row
+ * is not read again until the optimizer's pass, and ordinary stores would first read each line
+ * from memory */
+static inline void stream_row_f32(float *restrict dst, const float *restrict src, int64_t n) {
+  int64_t k = 0;
+#if defined(__AVX__)
+  if (((uintptr_t)dst & 31) == 0)
+    for (; k + 8 <= n; k += 8) _mm256_stream_ps(dst + k, _mm256_loadu_ps(src + k));
+#endif
+  for (; k < n; k++) dst[k] = src[k];
+}
+
+static inline void stream_row_f64(double *restrict dst, const double *restrict src, int64_t n) {
+  int64_t k = 0;
+#if defined(__AVX__)
+  if (((uintptr_t)dst & 31) == 0)
+    for (; k + 4 <= n; k += 4) _mm256_stream_pd(dst + k, _mm256_loadu_pd(src + k));
+#endif
+  for (; k < n; k++) dst[k] = src[k];
+}
+
+static inline void store_fence(void) {
+#if defined(__AVX__)
+  _mm_sfence(); /* non-temporal stores are visible to other threads after this */
+#endif
+}
+
 #define DEFINE_KERNELS(T, SFX)                                                                  \
   static inline T dot_##SFX(const T *a, const T *b, int64_t n) {                                \
     T acc[16] = {0};                                                                            \
@@ -134,19 +161,25 @@
     int64_t n_features, row, stride, next;                                                      \
     const int64_t *crow, *tok;                                                                  \
     const T *vals, *w, *g, *scale;                                                              \
-    T *grad_vals, *grad_w;                                                                      \
+    T *grad_vals, *grad_w, *grad_sumsq;                                                         \
+    int failed;                                                                                 \
   } bwd_##SFX;                                                                                  \
                                                                                                 \
   static void *bwd_worker_##SFX(void *p) {                                                      \
     bwd_##SFX *A = (bwd_##SFX *)p;                                                              \
     const int64_t n = A->row;                                                                   \
+    T *buf = 0; /* a feature's dL/dW row, summed here and then streamed out */                 \
+    if (A->grad_w && !(buf = (T *)aligned_alloc(64, (sizeof(T) * (size_t)n + 63) / 64 * 64))) { \
+      __atomic_store_n(&A->failed, 1, __ATOMIC_RELAXED);                                        \
+      return 0;                                                                                 \
+    }                                                                                           \
     for (;;) {                                                                                  \
       const int64_t f0 = __atomic_fetch_add(&A->next, CHUNK, __ATOMIC_RELAXED);                 \
       if (f0 >= A->n_features) break;                                                           \
       const int64_t f1 = f0 + CHUNK < A->n_features ? f0 + CHUNK : A->n_features;               \
       for (int64_t f = f0; f < f1; f++) {                                                       \
         const T *restrict wr = A->w + f * n;                                                    \
-        T *restrict gw = A->grad_w ? A->grad_w + f * n : 0;                                     \
+        T *restrict gw = buf;                                                                   \
         if (gw) { /* the norm's gradient: dL/d|w| * w / |w| */                                  \
           const T s = A->scale ? A->scale[f] : 0;                                               \
           for (int64_t k = 0; k < n; k++) gw[k] = s * wr[k];                                    \
@@ -178,17 +211,27 @@
           if (gw && v != 0)                                                                     \
             for (int64_t k = 0; k < n; k++) gw[k] += v * gr[k];                                 \
         }                                                                                       \
+        if (gw) {                                                                               \
+          if (A->grad_sumsq) A->grad_sumsq[f] = dot_##SFX(gw, gw, n);                           \
+          stream_row_##SFX(A->grad_w + f * n, gw, n);                                           \
+        }                                                                                       \
       }                                                                                         \
     }                                                                                           \
+    store_fence();                                                                              \
+    free(buf);                                                                                  \
     return 0;                                                                                   \
   }                                                                                             \
                                                                                                 \
-  /* grad_vals [nnz] and grad_w [F, row] may be NULL (not needed); scale [F] or NULL */        \
+  /* grad_vals [nnz] and grad_w [F, row] may be NULL (not needed); scale [F] or NULL;         \
+     grad_sumsq [F] (or NULL): each row's sum of squares of grad_w, taken while the row is in   \
+     cache so that the clipping norm need not read grad_w again. Returns -1 on bad arguments,  \
+     -2 when memory ran out. */                                                                 \
   int clt_decode_backward_##SFX(int64_t n_features, int64_t row, int64_t stride,                \
                                 const int64_t *crow, const int64_t *tok, const T *vals,         \
                                 const T *w, const T *g, const T *scale, T *grad_vals,           \
-                                T *grad_w, int n_threads) {                                     \
-    bwd_##SFX A = {n_features, row, stride, 0, crow, tok, vals, w, g, scale, grad_vals, grad_w}; \
+                                T *grad_w, T *grad_sumsq, int n_threads) {                      \
+    bwd_##SFX A = {n_features, row, stride, 0, crow, tok, vals, w, g, scale, grad_vals, grad_w, \
+                   grad_w ? grad_sumsq : 0, 0};                                                 \
     pthread_t th[MAX_THREADS];                                                                  \
     int started = 1, rc = 0;                                                                    \
     if (n_threads < 1 || n_threads > MAX_THREADS) return -1;                                    \
@@ -196,7 +239,7 @@
       if (pthread_create(&th[started], 0, bwd_worker_##SFX, &A)) break;                         \
     bwd_worker_##SFX(&A);                                                                       \
     for (int k = 1; k < started; k++) rc |= pthread_join(th[k], 0);                             \
-    return rc;                                                                                  \
+    return rc ? rc : (A.failed ? -2 : 0);                                                                                  \
   }
 
 #define ENC_BLOCK 16 /* features per block: one 64-byte line of an fp32 row of dW_enc */
@@ -227,12 +270,6 @@ static inline void put_block_f64(double *o, const double *acc, int64_t stride, i
   }
 #endif
   for (int64_t j = 0; j < nb; j++) o[j] = acc[j * stride];
-}
-
-static inline void store_fence(void) {
-#if defined(__AVX__)
-  _mm_sfence(); /* non-temporal stores are visible to other threads after this */
-#endif
 }
 
 #define DEFINE_ENCODER_KERNEL(T, SFX)                                                          \

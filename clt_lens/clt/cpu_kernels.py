@@ -100,7 +100,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fwd.argtypes = [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
         fwd.restype = ctypes.c_int
         bwd = getattr(lib, f"clt_decode_backward_{sfx}")
-        bwd.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+        bwd.argtypes = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
         bwd.restype = ctypes.c_int
         enc = getattr(lib, f"clt_encoder_grad_{sfx}")
         enc.argtypes = [_I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
@@ -238,11 +238,13 @@ def decode_backward(
     norm_scale: Tensor | None,
     need_values: bool,
     need_w: Sequence[bool],
+    grad_sumsq: Tensor | None = None,
 ) -> tuple[Tensor | None, list[Tensor | None]]:
     """dL/d values (in the transposed order) and dL/dW_dec per source layer.
 
     ``norm_scale`` [L, F] is dL/d|W_dec[f]| / |W_dec[f]|: the decoder norms' gradient, folded
-    into dL/dW_dec in the same pass.
+    into dL/dW_dec in the same pass. ``grad_sumsq`` [L, F], if given, receives each row's sum
+    of squares of dL/dW_dec (where it is computed), for the clipping norm.
     """
     lib = library()
     assert lib is not None
@@ -256,6 +258,12 @@ def decode_backward(
         norm_scale = norm_scale.to(values_t.dtype).contiguous()
     grad_values_t = torch.empty_like(values_t) if need_values else None
     grads_w = [torch.empty_like(w) if need else None for w, need in zip(w_dec, need_w)]
+    if grad_sumsq is not None and (grad_sumsq.shape != (n_layers, n_features) or
+                                   grad_sumsq.dtype != values_t.dtype or
+                                   not grad_sumsq.is_contiguous()):  # fmt: skip
+        raise ValueError(f"sparse decode: gradient squares buffer {tuple(grad_sumsq.shape)} "
+                         f"({grad_sumsq.dtype}), expected contiguous {(n_layers, n_features)} "
+                         f"({values_t.dtype})")  # fmt: skip
     with record_function("clt_lens::decode_backward"):
         for i, (w, gw) in enumerate(zip(w_dec, grads_w)):
             if gw is None and grad_values_t is None:
@@ -266,6 +274,7 @@ def decode_backward(
                           _at(values_t, a), _ptr(w), _at(grad_out, i * d),
                           None if norm_scale is None else _ptr(norm_scale[i]),
                           None if grad_values_t is None else _at(grad_values_t, a), _ptr(gw),
+                          None if grad_sumsq is None else _ptr(grad_sumsq[i]),
                           _threads((b - a + n_features) * row)),
                    "decode_backward")  # fmt: skip
     return grad_values_t, grads_w

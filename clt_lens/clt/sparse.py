@@ -18,7 +18,8 @@ under autograd would make it zero-fill a full-size gradient buffer per slice.
   into the decoder's, saving passes over every decoder weight.
   On the CPU, ``cpu_kernels`` (a small C library built at first use) does the same work in
   one pass per decoder row, forward and backward; torch's ops remain the reference and the
-  fallback (CUDA, half-precision decoders, no compiler).
+  fallback (CUDA, half-precision decoders, no compiler). Inside ``grad_squares.recording()``
+  the kernel's backward also records each dL/dW_dec's sum of squares for the clipping norm.
 - ``dense_decode``: the same with dense matmuls, for dense activations.
 ``encoder_grad_gather`` takes pre-activations at the support and gives the encoder sparse
 gradients (W_enc, b_enc and, if needed, the input); on the CPU the C kernels write W_enc's
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from clt_lens.clt import cpu_kernels
+from clt_lens.clt import cpu_kernels, grad_squares
 
 # torch warns once per process that CSR support is "beta"; these kernels are tested here.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -326,10 +327,19 @@ class _SparseDecode(torch.autograd.Function):
         scale = None
         if grad_norms is not None and norms.numel():
             scale = _norm_grad_scale(norms, grad_norms)
+        squares = grad_squares.current()
+        need_w = ctx.needs_input_grad[3:]
+        row_squares = None
+        if squares is not None and any(need_w):
+            row_squares = values_t.new_empty(support.n_layers, support.n_features)
         grad_values_t, grads_w = cpu_kernels.decode_backward(
-            support, values_t, w_dec, grad_out, scale, ctx.needs_input_grad[2],
-            ctx.needs_input_grad[3:],
+            support, values_t, w_dec, grad_out, scale, ctx.needs_input_grad[2], need_w,
+            row_squares,
         )
+        if squares is not None and row_squares is not None:
+            for gw, sq in zip(grads_w, row_squares):
+                if gw is not None:
+                    squares.record(gw, sq)
         grad_values = _to_support_order(grad_values_t, support, ctx.values_dtype)
         return (None, None, grad_values, *grads_w)
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from clt_lens.clt.grad_squares import GradSquares, recording
 from clt_lens.clt.storage import (
     OPTIMIZER_STEM,
     WEIGHTS_STEM,
@@ -50,12 +51,23 @@ def make_adam(params: list[torch.nn.Parameter], cfg: TrainConfig, device_type: s
     )
 
 
-def _sq_norm(tensors: list[torch.Tensor], device: str) -> torch.Tensor:
-    """Sum of squares of all entries, in fp32 (one fused pass per dtype group)."""
-    if not tensors:
-        return torch.zeros((), device=device)
-    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
-    return torch.stack(norms).pow(2).sum()
+def _sq_norm(
+    tensors: list[torch.Tensor], device: str, squares: GradSquares | None = None
+) -> torch.Tensor:
+    """Sum of squares of all entries, in fp32 (one fused pass per dtype group); a gradient
+    whose sum of squares the backward recorded in ``squares`` is not read again."""
+    total = torch.zeros((), device=device)
+    rest = []
+    for t in tensors:
+        known = None if squares is None else squares.sum_of_squares(t)
+        if known is None:
+            rest.append(t)
+        else:
+            total = total + known.to(device)
+    if rest:
+        norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in rest])
+        total = total + torch.stack(norms).pow(2).sum()
+    return total
 
 
 @dataclass
@@ -156,14 +168,14 @@ class Trainer:
             x, y = x[lo : lo + self.rank_batch], y[lo : lo + self.rank_batch]
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _clip(self) -> torch.Tensor:
+    def _clip(self, squares: GradSquares | None = None) -> torch.Tensor:
         """Global gradient norm over all shards (replicated parameters counted once)."""
         sharded, replicated = [], []
         for name, p in self.clt.named_parameters():
             if p.grad is not None:
                 (sharded if feature_dim(name) is not None else replicated).append(p.grad.detach())
-        sharded_sq = self.par.sum_features(_sq_norm(sharded, self.device))
-        total = (sharded_sq + _sq_norm(replicated, self.device)).sqrt()
+        sharded_sq = self.par.sum_features(_sq_norm(sharded, self.device, squares))
+        total = (sharded_sq + _sq_norm(replicated, self.device, squares)).sqrt()
         if self.cfg.grad_clip > 0:
             coef = (self.cfg.grad_clip / (total + 1e-6)).clamp(max=1.0)
             if self._clip_in_adam:  # the fused kernel divides by grad_scale: no extra pass
@@ -249,41 +261,43 @@ class Trainer:
         d = self.info.d_model
         sums = ReconstructionSums.zeros(L, d, self.device)
         fired = torch.zeros(self.since_fired.shape, dtype=torch.bool, device=self.device)
-        for _ in range(cfg.grad_accum):
-            x, y = self._next_batch()
-            with self._autocast():
-                out = self.clt.training_forward(
-                    x,
-                    y,
-                    sparsity_coeff=coeff,
-                    preact_coeff=cfg.clt.preact_coeff,
-                    auxk_coeff=cfg.clt.auxk_coeff,
-                    dead_mask=dead,
-                    comm=par.comm,
-                )
-            loss = out.loss / cfg.grad_accum
-            if not torch.isfinite(out.loss):
-                last = self.last_checkpoint or "none written yet"
-                raise TrainingDiverged(
-                    f"loss is {float(out.loss.detach())} at step {self.step + 1}; stopping. "
-                    f"Last good checkpoint: {last}"
-                )
+        # the decoder's backward records its gradients' sums of squares for the clipping norm
+        with recording() as squares:
+            for _ in range(cfg.grad_accum):
+                x, y = self._next_batch()
+                with self._autocast():
+                    out = self.clt.training_forward(
+                        x,
+                        y,
+                        sparsity_coeff=coeff,
+                        preact_coeff=cfg.clt.preact_coeff,
+                        auxk_coeff=cfg.clt.auxk_coeff,
+                        dead_mask=dead,
+                        comm=par.comm,
+                    )
+                loss = out.loss / cfg.grad_accum
+                if not torch.isfinite(out.loss):
+                    last = self.last_checkpoint or "none written yet"
+                    raise TrainingDiverged(
+                        f"loss is {float(out.loss.detach())} at step {self.step + 1}; stopping. "
+                        f"Last good checkpoint: {last}"
+                    )
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                for k, v in out.losses.items():
+                    terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+                # explained variance from sums, so ranks and micro-batches combine exactly
+                with torch.no_grad():
+                    target = self.clt.normalize_outputs(y)
+                B = x.shape[0]  # mse_per_layer / l0_per_layer are means over the batch's tokens
+                sums.add(target, out.mse_per_layer.double() * B, out.l0_per_layer.double() * B)
+                fired |= out.fired
+            par.average_grads(self.params)
             if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            for k, v in out.losses.items():
-                terms[k] = terms.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            # explained variance from sums, so ranks and micro-batches combine exactly
-            with torch.no_grad():
-                target = self.clt.normalize_outputs(y)
-            B = x.shape[0]  # mse_per_layer / l0_per_layer are means over the batch's tokens
-            sums.add(target, out.mse_per_layer.double() * B, out.l0_per_layer.double() * B)
-            fired |= out.fired
-        par.average_grads(self.params)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt)
-        grad_norm = self._clip()
+                self.scaler.unscale_(self.opt)
+            grad_norm = self._clip(squares)
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
