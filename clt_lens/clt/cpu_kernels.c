@@ -22,7 +22,10 @@
  * dL/da and dL/dW row come from one thread, entries in order). Either way every output element
  * is summed in the same order whatever the thread count, so results are bitwise independent of
  * it. The backward takes four tokens per pass over a gradient row: one read-modify-write of
- * that row per four entries instead of one each (~20% faster here).
+ * that row per four entries instead of one each (~20% faster here). It sums each feature's
+ * dL/dW row in a buffer of its own, takes the row's sum of squares there (the clipping norm's
+ * share of dW, so that it need not read dW again) and streams the row out with non-temporal
+ * stores (dW is not read again until the optimizer's pass).
  */
 #include <pthread.h>
 #include <stdint.h>
