@@ -3,8 +3,10 @@ gradients, threads, fallback."""
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +38,12 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def threads_even_for_small_calls(monkeypatch) -> None:
+    """The kernels' threads for the small cases of these tests too (both builds' thresholds)."""
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK_OPENMP", 0)
 
 
 def _case(n_layers=4, batch=37, n_features=53, d=20, density=0.08, zero_fraction=0.3,
@@ -73,7 +81,7 @@ def _run(use_kernels, support, values, w_dec, grad_out, grad_norms, need_w=None)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_kernels_equal_torch_ops(kernels, dtype, threads, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)  # threads even for this small case
+    threads_even_for_small_calls(monkeypatch)
     case = _case(dtype=dtype)
     with torch_threads(threads):
         got = _run(True, *case)
@@ -90,7 +98,7 @@ def test_kernels_equal_torch_ops(kernels, dtype, threads, monkeypatch):
 def test_backward_records_each_decoder_gradients_squares(kernels, dtype, threads, monkeypatch):
     """What the clipping norm takes instead of reading dL/dW_dec again: every row's squares,
     the norm gradient's rows included (layer 1 keeps nothing: its gradient is that alone)."""
-    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)
+    threads_even_for_small_calls(monkeypatch)
     need_w = [True, True, False, True]
     with torch_threads(threads), grad_squares.recording() as squares:
         grads = _run(True, *_case(dtype=dtype), need_w=need_w)[3]
@@ -169,7 +177,7 @@ def _tensors(x):
 
 def test_results_are_bitwise_independent_of_threads(kernels, monkeypatch):
     """Decode forward and backward, and the encoder's gradients."""
-    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)
+    threads_even_for_small_calls(monkeypatch)
     case = _case(n_layers=3, batch=64, n_features=96, d=32, density=0.1)
     encoder = _encoder_case(96, torch.float32, batch=64, density=0.3)
     results = []
@@ -220,10 +228,48 @@ def test_mismatched_sizes_raise_before_the_c_code(kernels):
 
 
 def test_small_calls_stay_on_one_thread(monkeypatch):
-    """Threads of our own only pay where the call is large (torch's workers spin meanwhile)."""
+    """Threads of our own (pthreads) only pay where the call is large (torch's workers spin
+    meanwhile); on torch's OpenMP workers from much smaller calls on."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(cpu_kernels, "uses_openmp", lambda: False)
     assert cpu_kernels._threads((100 + 1024) * 128) == 1
     assert cpu_kernels._threads((20_000 + 2048) * 3072) == 4
+    monkeypatch.setattr(cpu_kernels, "uses_openmp", lambda: True)
+    assert cpu_kernels._threads((100 + 1024) * 128) == 4
+    assert cpu_kernels._threads(100 * 20) == 1
+
+
+def test_kernels_run_on_torchs_openmp_runtime(kernels):
+    """One OpenMP runtime in the process: the kernels' parallel regions run on the workers of
+    torch's ops, not on threads that compete with them for the cores."""
+    if not cpu_kernels.uses_openmp():
+        pytest.skip("this compiler builds the kernels without OpenMP (pthreads instead)")
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("needs /proc/self/maps (Linux) to list the loaded libraries")
+    runtimes = {line.split()[-1] for line in maps.read_text().splitlines()
+                if "libgomp" in line or "libiomp" in line or "libomp" in line}  # fmt: skip
+    assert len(runtimes) == 1, runtimes
+
+
+def test_pthread_build_equals_torch_ops(monkeypatch, tmp_path):
+    """The build for compilers without OpenMP: its own threads, the same results."""
+    cc = cpu_kernels._compiler()
+    if cc is None:
+        pytest.skip("needs a C compiler (gcc or cc)")
+    monkeypatch.setenv("CLT_LENS_KERNEL_DIR", str(tmp_path))
+    lib = ctypes.CDLL(str(cpu_kernels._build(cc, openmp=False)))
+    cpu_kernels._declare(lib)
+    assert lib.clt_openmp() == 0
+    monkeypatch.setattr(cpu_kernels, "_library", lib)
+    monkeypatch.setattr(cpu_kernels, "_tried", True)
+    threads_even_for_small_calls(monkeypatch)
+    case = _case()
+    with torch_threads(3):
+        got = _run(True, *case)
+    want = _run(False, *case)
+    for g, w in zip(list(_tensors(got)), list(_tensors(want)), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 # ---- the encoder gradient -------------------------------------------------------------------
@@ -259,7 +305,7 @@ def _encoder_grads(use_kernels, support, x, w, b, grad, need_w=True, need_b=True
 @pytest.mark.parametrize("n_features", [53, 80])  # a partial block; whole aligned blocks
 @pytest.mark.parametrize("threads", [1, 3])
 def test_encoder_gradient_equals_torch_ops(kernels, dtype, n_features, threads, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)
+    threads_even_for_small_calls(monkeypatch)
     case = _encoder_case(n_features, dtype)
     calls = []
     real = cpu_kernels.encoder_grad
@@ -294,7 +340,7 @@ def _above(use_kernels, pre, cut):
 def test_support_above_equals_torch_ops(kernels, dtype, n_features, threads, monkeypatch):
     """Every index array, the layer pointers and the values; ties at the cut, NaN and infinite
     pre-activations, a layer with nothing kept and one with everything kept."""
-    monkeypatch.setattr(cpu_kernels, "PARALLEL_WORK", 0)
+    threads_even_for_small_calls(monkeypatch)
     g = torch.Generator().manual_seed(2)
     n_layers, batch = 4, 29
     pre = torch.randn(n_layers, batch, n_features, generator=g, dtype=torch.float64).to(dtype)

@@ -30,12 +30,47 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
 #define MAX_THREADS 256
 #define CHUNK 8
+
+/* Runs fn(args + k * size) once for every k < n (size 0: every call gets args itself). Built
+ * with OpenMP, on the threads of the OpenMP runtime already loaded, which is torch's (its
+ * libgomp.so.1 answers this library's need for one): torch's workers, still spinning after
+ * its last op, take the work at once, where threads of our own would share the cores with
+ * them meanwhile. Without OpenMP, on pthreads. Returns nonzero where a thread did not start. */
+static int run_workers(void *(*fn)(void *), void *args, size_t size, int n) {
+  char *base = (char *)args;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(n)
+  for (int k = omp_get_thread_num(); k < n; k += omp_get_num_threads()) fn(base + k * size);
+  return 0;
+#else
+  pthread_t th[MAX_THREADS];
+  int started = 1, rc = 0;
+  for (; started < n; started++)
+    if (pthread_create(&th[started], 0, fn, base + started * size)) break;
+  for (int k = started; k < n; k++) fn(base + k * size); /* no thread: inline */
+  fn(base);
+  for (int k = 1; k < started; k++) rc |= pthread_join(th[k], 0);
+  return rc;
+#endif
+}
+
+/* Whether this build runs its threads through OpenMP (1) or pthreads (0). */
+int clt_openmp(void) {
+#if defined(_OPENMP)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 /* dst[0:n] = src[0:n]; with non-temporal stores where dst is 32-byte aligned: a gradient row
  * is not read again until the optimizer's pass, and ordinary stores would first read each line
@@ -143,8 +178,6 @@ static inline void store_fence(void) {
                                int64_t stride, const int64_t *crow, const int64_t *tok,         \
                                const T *vals, const T *w, T *out, T *sumsq, int n_threads) {    \
     fwd_##SFX A[MAX_THREADS];                                                                   \
-    pthread_t th[MAX_THREADS];                                                                  \
-    int started = 1, rc = 0;                                                                    \
     if (n_threads < 1 || n_threads > MAX_THREADS) return -1;                                    \
     for (int k = 0; k < n_threads; k++) {                                                       \
       fwd_##SFX a = {n_features, row, stride, n_tokens * k / n_threads,                         \
@@ -152,12 +185,7 @@ static inline void store_fence(void) {
                      n_features * (k + 1) / n_threads, crow, tok, vals, w, out, sumsq};         \
       A[k] = a;                                                                                 \
     }                                                                                           \
-    for (; started < n_threads; started++)                                                      \
-      if (pthread_create(&th[started], 0, fwd_worker_##SFX, &A[started])) break;               \
-    for (int k = started; k < n_threads; k++) fwd_worker_##SFX(&A[k]); /* no thread: inline */ \
-    fwd_worker_##SFX(&A[0]);                                                                    \
-    for (int k = 1; k < started; k++) rc |= pthread_join(th[k], 0);                             \
-    return rc;                                                                                  \
+    return run_workers(fwd_worker_##SFX, A, sizeof(A[0]), n_threads);                           \
   }                                                                                             \
                                                                                                 \
   typedef struct {                                                                              \
@@ -235,14 +263,9 @@ static inline void store_fence(void) {
                                 T *grad_w, T *grad_sumsq, int n_threads) {                      \
     bwd_##SFX A = {n_features, row, stride, 0, crow, tok, vals, w, g, scale, grad_vals, grad_w, \
                    grad_w ? grad_sumsq : 0, 0};                                                 \
-    pthread_t th[MAX_THREADS];                                                                  \
-    int started = 1, rc = 0;                                                                    \
     if (n_threads < 1 || n_threads > MAX_THREADS) return -1;                                    \
-    for (; started < n_threads; started++)                                                      \
-      if (pthread_create(&th[started], 0, bwd_worker_##SFX, &A)) break;                         \
-    bwd_worker_##SFX(&A);                                                                       \
-    for (int k = 1; k < started; k++) rc |= pthread_join(th[k], 0);                             \
-    return rc ? rc : (A.failed ? -2 : 0);                                                                                  \
+    const int rc = run_workers(bwd_worker_##SFX, &A, 0, n_threads);                             \
+    return rc ? rc : (A.failed ? -2 : 0);                                                       \
   }
 
 #define ENC_BLOCK 16 /* features per block: one 64-byte line of an fp32 row of dW_enc */
@@ -339,13 +362,8 @@ static inline void put_block_f64(double *o, const double *acc, int64_t stride, i
                              const int64_t *tok, const T *g, const T *x, T *grad_w, T *grad_b,  \
                              int n_threads) {                                                   \
     enc_##SFX A = {n_features, d, 0, crow, tok, g, x, grad_w, grad_b, 0};                       \
-    pthread_t th[MAX_THREADS];                                                                  \
-    int started = 1, rc = 0;                                                                    \
     if (n_threads < 1 || n_threads > MAX_THREADS) return -1;                                    \
-    for (; started < n_threads; started++)                                                      \
-      if (pthread_create(&th[started], 0, enc_worker_##SFX, &A)) break;                         \
-    enc_worker_##SFX(&A);                                                                       \
-    for (int k = 1; k < started; k++) rc |= pthread_join(th[k], 0);                             \
+    const int rc = run_workers(enc_worker_##SFX, &A, 0, n_threads);                             \
     return rc ? rc : (A.failed ? -2 : 0);                                                       \
   }
 
@@ -431,20 +449,13 @@ static inline uint32_t above_bits_f64(const double *x, const double *c, int64_t 
   static int run_rows_##SFX(void *(*worker)(void *), above_##SFX base, int64_t rows,            \
                             int n_threads) {                                                    \
     above_##SFX A[MAX_THREADS];                                                                 \
-    pthread_t th[MAX_THREADS];                                                                  \
-    int started = 1, rc = 0;                                                                    \
     if (n_threads < 1 || n_threads > MAX_THREADS) return -1;                                    \
     for (int k = 0; k < n_threads; k++) {                                                       \
       A[k] = base;                                                                              \
       A[k].r_lo = rows * k / n_threads;                                                         \
       A[k].r_hi = rows * (k + 1) / n_threads;                                                   \
     }                                                                                           \
-    for (; started < n_threads; started++)                                                      \
-      if (pthread_create(&th[started], 0, worker, &A[started])) break;                          \
-    for (int k = started; k < n_threads; k++) worker(&A[k]); /* no thread: inline */           \
-    worker(&A[0]);                                                                              \
-    for (int k = 1; k < started; k++) rc |= pthread_join(th[k], 0);                             \
-    return rc;                                                                                  \
+    return run_workers(worker, A, sizeof(A[0]), n_threads);                                     \
   }                                                                                             \
                                                                                                 \
   /* counts [L * B]: kept positions per row of pre [L * B, F] against cut [L, F] */            \

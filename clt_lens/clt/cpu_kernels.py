@@ -8,7 +8,10 @@ same values (benchmarks/train.py times the training step both ways).
 The shared library is compiled once per source, compiler and CPU with the C compiler in
 ``$CC`` (else ``cc``) into ``$CLT_LENS_KERNEL_DIR`` (else ``~/.cache/clt_lens/kernels``), keyed
 by a hash of all three, and renamed into place so concurrent processes (torchrun ranks) never
-load a half-written file. A failed build warns once and falls back; it never stops a run.
+load a half-written file. It is built with OpenMP where the compiler has it: its parallel
+regions then run on the OpenMP runtime torch has loaded (torch's own ``libgomp.so.1`` meets the
+library's need for one), on the same worker threads as torch's ops. Without OpenMP it starts
+pthreads of its own. A failed build warns once and falls back; it never stops a run.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 ENV_SWITCH = "CLT_LENS_CPU_KERNELS"
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+_OPENMP = ["-fopenmp"]  # tried first; a compiler without it builds the pthread version
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -71,30 +75,37 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, openmp: bool = True) -> Path:
+    """The library's path, compiled first if no build of this source, compiler, CPU and flag
+    set is cached; with OpenMP unless ``openmp`` is False or the compiler lacks it."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
-                    _cpu_signature().encode()])  # fmt: skip
-    ).hexdigest()[:16]
     folder = Path(os.environ.get("CLT_LENS_KERNEL_DIR") or
                   Path.home() / ".cache" / "clt_lens" / "kernels")  # fmt: skip
-    target = folder / f"cpu_kernels-{key}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run([cc, *_FLAGS, str(SOURCE), "-o", str(built)],
-                                capture_output=True, text=True)  # fmt: skip
-        if result.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {result.stderr.strip()[-400:]}")
-        os.replace(built, target)
-    return target
+    error = ""
+    for flags in ([*_FLAGS, *_OPENMP], _FLAGS) if openmp else (_FLAGS,):
+        key = hashlib.sha256(
+            b"\0".join([source, " ".join(flags).encode(), version.encode(),
+                        _cpu_signature().encode()])  # fmt: skip
+        ).hexdigest()[:16]
+        target = folder / f"cpu_kernels-{key}.so"
+        if target.exists():
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built)],
+                                    capture_output=True, text=True)  # fmt: skip
+            if result.returncode == 0:
+                os.replace(built, target)
+                return target
+            error = result.stderr.strip()[-400:]
+    raise RuntimeError(f"{cc} failed on {SOURCE.name}: {error}")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
+    lib.clt_openmp.argtypes = []
+    lib.clt_openmp.restype = ctypes.c_int
     for sfx in _SUFFIX.values():
         fwd = getattr(lib, f"clt_decode_forward_{sfx}")
         fwd.argtypes = [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
@@ -154,17 +165,26 @@ def applies(*tensors: Tensor) -> bool:
     return library() is not None
 
 
-# Below this many multiply-adds per call the kernels run on the calling thread alone: a thread
-# of their own would compete for a core with torch's OpenMP workers, which keep spinning after
-# each torch op (at the demo's shape, 2 threads took 19 ms where 1 took 14 and torch's ops 17).
+# Below this many multiply-adds per call the pthread build runs on the calling thread alone: a
+# thread of its own would compete for a core with torch's OpenMP workers, which keep spinning
+# after each torch op (at the demo's shape, 2 threads took 19 ms where 1 took 14 and torch's
+# ops 17). The OpenMP build runs on those workers, so it pays from much smaller calls on (the
+# demo's step 1.14-1.18x faster on two threads than with the pthread build's threshold).
 PARALLEL_WORK = 2**24
+PARALLEL_WORK_OPENMP = 2**16
+
+
+def uses_openmp() -> bool:
+    """Whether the loaded kernels run their threads on the OpenMP runtime (torch's)."""
+    lib = library()
+    return lib is not None and bool(lib.clt_openmp())
 
 
 def _threads(work: int) -> int:
     """Threads for one call of ``work`` multiply-adds (or element visits): torch's intra-op
     count (within MAX_THREADS in the C file) when the call is large enough to pay for them,
     else 1."""
-    if work < PARALLEL_WORK:
+    if work < (PARALLEL_WORK_OPENMP if uses_openmp() else PARALLEL_WORK):
         return 1
     return min(max(1, torch.get_num_threads()), 256)
 
