@@ -214,6 +214,13 @@ BREAKS: dict[str, Break] = {
         "return tuple(grad.shape), grad.stride(), grad.dtype, 0",
         ["tests/test_trainer_options.py::test_clipping_norm_is_the_norm_of_the_gradients_adam_gets"],
     ),
+    "mse_backward": Break(
+        "training loss: the reconstruction error's one-pass gradient",
+        "clt_lens/clt/losses.py",
+        "return err * (grad * (2.0 / err.shape[0])).to(err.dtype).unsqueeze(-1)",
+        "return err * (grad * (2.0 / (err.shape[0] + 1))).to(err.dtype).unsqueeze(-1)",
+        ["tests/test_clt.py::test_reconstruction_gradient_matches_autograd_of_the_reference"],
+    ),
     "host_memory": Break(
         "CPU training keeps its freed buffers instead of page-faulting them back every step",
         "clt_lens/training/host_memory.py",

@@ -303,6 +303,26 @@ def test_loss_terms_match_hand_computation(penalty, device):
     torch.testing.assert_close(out.loss, total)
 
 
+@pytest.mark.parametrize("decode", ["sparse", "dense"])
+def test_reconstruction_gradient_matches_autograd_of_the_reference(decode, device):
+    """The MSE's own backward (one pass) against autograd through the loop reference."""
+    clt = make_clt(dtype="float64", activation="relu", skip=True, decode=decode, device=device)
+    x = acts_data(30, dtype=torch.float64, device=device)
+    y = acts_data(30, seed=3, dtype=torch.float64, device=device)
+    out = clt.training_forward(x, y, sparsity_coeff=0.0, preact_coeff=0.0)
+    assert out.decode_mode == decode
+    out.losses["mse"].backward()
+    got = {n: p.grad.clone() for n, p in clt.named_parameters() if p.grad is not None}
+    clt.zero_grad(set_to_none=True)
+    _, y_hat = reference_forward(clt, x)
+    err = (y_hat - y) * clt.output_scale.view(1, L, 1)
+    err.pow(2).sum(-1).mean(0).sum().backward()
+    want = {n: p.grad for n, p in clt.named_parameters() if p.grad is not None}
+    assert {"W_enc", "b_enc", "b_dec", "W_skip"} <= set(want) and set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+
+
 def test_auxk_loss_matches_hand_computation():
     clt = make_clt(dtype="float64", activation="topk", k=4, auxk=3)
     x, y = acts_data(10, dtype=torch.float64), acts_data(10, seed=4, dtype=torch.float64)

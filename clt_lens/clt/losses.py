@@ -43,6 +43,21 @@ if TYPE_CHECKING:  # annotations only: the model imports this module
 ReduceFn = Callable[[Tensor], Tensor]
 
 
+class _SquaredError(torch.autograd.Function):
+    """Per layer, the mean over tokens of ||err||^2 for err [B, L, d], and its gradient in one
+    pass (autograd's pow, sum and mean take three more passes over [B, L, d] backward)."""
+
+    @staticmethod
+    def forward(ctx, err: Tensor) -> Tensor:
+        ctx.save_for_backward(err)
+        return err.pow(2).sum(-1).mean(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (err,) = ctx.saved_tensors
+        return err * (grad * (2.0 / err.shape[0])).to(err.dtype).unsqueeze(-1)
+
+
 @dataclass
 class CLTStepOutput:
     """What the trainer needs from one step. Everything but ``loss``/``losses`` is detached."""
@@ -119,7 +134,7 @@ def training_forward(
     partial = reduce_fn(step.partial) if reduce_fn is not None else step.partial
     y_hat = clt.finish_decode(partial, x_lbd)
     err = y_hat - y_n
-    mse_per_layer = err.pow(2).sum(-1).mean(0)
+    mse_per_layer = _SquaredError.apply(err)
     mse = mse_per_layer.sum()
 
     losses = {"mse": mse, "sparsity": sparsity_coeff * step.penalty / batch}
