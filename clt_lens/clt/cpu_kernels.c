@@ -30,6 +30,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -72,25 +73,19 @@ int clt_openmp(void) {
 #endif
 }
 
-/* dst[0:n] = src[0:n]; with non-temporal stores where dst is 32-byte aligned: a gradient row
- * is not read again until the optimizer's pass, and ordinary stores would first read each line
- * from memory */
-static inline void stream_row_f32(float *restrict dst, const float *restrict src, int64_t n) {
-  int64_t k = 0;
+/* Copies a gradient row out, with non-temporal stores where dst is 32-byte aligned: the row
+ * is not read again until the optimizer's pass, and ordinary stores would first read each
+ * line from memory. */
+static inline void stream_bytes(void *restrict dst, const void *restrict src, size_t bytes) {
+  char *d = (char *)dst;
+  const char *s = (const char *)src;
+  size_t k = 0;
 #if defined(__AVX__)
-  if (((uintptr_t)dst & 31) == 0)
-    for (; k + 8 <= n; k += 8) _mm256_stream_ps(dst + k, _mm256_loadu_ps(src + k));
+  if (((uintptr_t)d & 31) == 0)
+    for (; k + 32 <= bytes; k += 32)
+      _mm256_stream_si256((__m256i *)(d + k), _mm256_loadu_si256((const __m256i *)(s + k)));
 #endif
-  for (; k < n; k++) dst[k] = src[k];
-}
-
-static inline void stream_row_f64(double *restrict dst, const double *restrict src, int64_t n) {
-  int64_t k = 0;
-#if defined(__AVX__)
-  if (((uintptr_t)dst & 31) == 0)
-    for (; k + 4 <= n; k += 4) _mm256_stream_pd(dst + k, _mm256_loadu_pd(src + k));
-#endif
-  for (; k < n; k++) dst[k] = src[k];
+  memcpy(d + k, s + k, bytes - k);
 }
 
 static inline void store_fence(void) {
@@ -244,7 +239,7 @@ static inline void store_fence(void) {
         }                                                                                       \
         if (gw) {                                                                               \
           if (A->grad_sumsq) A->grad_sumsq[f] = dot_##SFX(gw, gw, n);                           \
-          stream_row_##SFX(A->grad_w + f * n, gw, n);                                           \
+          stream_bytes(A->grad_w + f * n, gw, sizeof(T) * (size_t)n);                           \
         }                                                                                       \
       }                                                                                         \
     }                                                                                           \
