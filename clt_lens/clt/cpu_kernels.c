@@ -194,8 +194,9 @@ static inline void store_fence(void) {
   static void *bwd_worker_##SFX(void *p) {                                                      \
     bwd_##SFX *A = (bwd_##SFX *)p;                                                              \
     const int64_t n = A->row;                                                                   \
+    const size_t bytes = (sizeof(T) * (size_t)(n > 0 ? n : 1) + 63) / 64 * 64;                 \
     T *buf = 0; /* a feature's dL/dW row, summed here and then streamed out */                 \
-    if (A->grad_w && !(buf = (T *)aligned_alloc(64, (sizeof(T) * (size_t)n + 63) / 64 * 64))) { \
+    if (A->grad_w && !(buf = (T *)aligned_alloc(64, bytes))) {                                  \
       __atomic_store_n(&A->failed, 1, __ATOMIC_RELAXED);                                        \
       return 0;                                                                                 \
     }                                                                                           \

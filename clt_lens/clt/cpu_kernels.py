@@ -5,9 +5,9 @@ float32/float64 CPU tensor; otherwise (CUDA, half-precision decoders, no C compi
 ``CLT_LENS_CPU_KERNELS=0`` in the environment) it uses torch's sparse ops, which compute the
 same values (benchmarks/train.py times the training step both ways).
 
-The shared library is compiled once per source, compiler and CPU with the C compiler in
-``$CC`` (else ``cc``) into ``$CLT_LENS_KERNEL_DIR`` (else ``~/.cache/clt_lens/kernels``), keyed
-by a hash of all three, and renamed into place so concurrent processes (torchrun ranks) never
+The shared library is compiled once per source, flags, compiler and CPU with the C compiler
+in ``$CC`` (else ``cc``) into ``$CLT_LENS_KERNEL_DIR`` (else ``~/.cache/clt_lens/kernels``),
+keyed by a hash of all four, and renamed into place so concurrent processes (torchrun ranks) never
 load a half-written file. It is built with OpenMP where the compiler has it: its parallel
 regions then run on the OpenMP runtime torch has loaded (torch's own ``libgomp.so.1`` meets the
 library's need for one), on the same worker threads as torch's ops. Without OpenMP it starts
@@ -277,13 +277,13 @@ def decode_backward(
     if norm_scale is not None:
         norm_scale = norm_scale.to(values_t.dtype).contiguous()
     grad_values_t = torch.empty_like(values_t) if need_values else None
-    grads_w = [torch.empty_like(w) if need else None for w, need in zip(w_dec, need_w)]
     if grad_sumsq is not None and (grad_sumsq.shape != (n_layers, n_features) or
                                    grad_sumsq.dtype != values_t.dtype or
                                    not grad_sumsq.is_contiguous()):  # fmt: skip
         raise ValueError(f"sparse decode: gradient squares buffer {tuple(grad_sumsq.shape)} "
                          f"({grad_sumsq.dtype}), expected contiguous {(n_layers, n_features)} "
                          f"({values_t.dtype})")  # fmt: skip
+    grads_w = [torch.empty_like(w) if need else None for w, need in zip(w_dec, need_w)]
     with record_function("clt_lens::decode_backward"):
         for i, (w, gw) in enumerate(zip(w_dec, grads_w)):
             if gw is None and grad_values_t is None:
