@@ -198,7 +198,7 @@ class Support:
                 self.n_layers, self.n_features + 1, dtype=torch.int64, device=self.flat.device
             )
             crow_t[:, 1:] = counts.view(self.n_layers, self.n_features).cumsum(1)
-            self._transposed = (perm, crow_t, self.rows[perm])
+            self._transposed = (perm, crow_t, self.rows.index_select(0, perm))
         return self._transposed
 
     def layer_csr_t(self, values_t: Tensor, layer: int) -> Tensor:
@@ -248,7 +248,7 @@ class _SparseDecode(torch.autograd.Function):
         values = values.to(w_dec[0].dtype)  # autocast may hand us half-precision values
         ctx.kernels = cpu_kernels.applies(values, *w_dec)
         if ctx.kernels:  # one pass over each decoder row, in the support's transposed order
-            values_t = values[support.transposed()[0]]
+            values_t = values.index_select(0, support.transposed()[0])
             out, norms = cpu_kernels.decode_forward(support, values_t, w_dec, with_norms)
             norms = values.new_zeros(0) if norms is None else norms
             ctx.support = support
@@ -395,7 +395,7 @@ class _EncoderGradGather(torch.autograd.Function):
                              f"{tuple(pre_s.shape)} for a support of {support.nnz} entries")
         ctx.support = support
         ctx.save_for_backward(x_lbd, w_enc)
-        return pre_s + b_enc.reshape(-1)[support.lf].to(pre_s.dtype)
+        return pre_s + b_enc.reshape(-1).index_select(0, support.lf).to(pre_s.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -405,7 +405,7 @@ class _EncoderGradGather(torch.autograd.Function):
         grad = grad.to(w_enc.dtype)
         if not need_x and cpu_kernels.applies(grad, x_lbd, w_enc):
             grad_w, grad_b = cpu_kernels.encoder_grad(
-                support, grad[support.transposed()[0]], x_lbd, need_w, need_b
+                support, grad.index_select(0, support.transposed()[0]), x_lbd, need_w, need_b
             )
             return None, None, None, grad_w, grad_b
         grad_x = torch.zeros_like(x_lbd) if need_x else None
@@ -415,7 +415,7 @@ class _EncoderGradGather(torch.autograd.Function):
             grad_b = grad.new_zeros(support.n_layers * support.n_features)
             grad_b.index_add_(0, support.lf, grad)
             grad_b = grad_b.view(support.n_layers, support.n_features)
-        grad_t = grad[support.transposed()[0]] if need_w else None
+        grad_t = grad.index_select(0, support.transposed()[0]) if need_w else None
         for layer in range(support.n_layers):
             if support.layer_ptr[layer + 1] == support.layer_ptr[layer]:
                 if need_w:
